@@ -1,0 +1,46 @@
+"""The one-call entry point for users who bring their own model."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lai.batching import as_batch, forward_logits
+from lai.estimators.capture import preserved_buffers
+from lai.estimators.registry import build_estimator, unsupported
+
+
+def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
+          output_layer: str | None = None, layers: str | Sequence[str] | None = None,
+          cache: str = "auto", chunk_size: int = 512) -> torch.Tensor:
+    """Value of every sample of ``train_batch`` against ``val_batch``.
+
+    Returns a float tensor ``[len(train_batch)]`` (float64 if the model is float64).
+    **Sign: positive = helps**, i.e. the first-order decrease of the summed validation loss
+    when one SGD step is taken on that sample (Koh–Liang influence is the negative).
+
+    Batches are ``(inputs, targets)`` tuples or dicts of model keyword arguments with a
+    ``labels`` key (Hugging Face style); model outputs may be tensors or have ``.logits``.
+    The loss is per-sample cross-entropy. The model is scored in its current mode
+    (train/eval); its parameters and buffers are left exactly as they were.
+
+    Methods:
+      - ``"lai"``: ``v_j = sum_{z in V} sum_l <phi_l(z), phi_l(j)> <G_z, G_j>`` over every
+        ``nn.Linear`` and ``nn.Conv2d`` (``layers=`` picks another set: ``code``, ``lli``, or
+        module names); ``phi_l`` = the layer's input flattened with padded positions zeroed,
+        ``G_x = d ell_x / d logits_x``;
+      - ``"lli"``: the output layer's term only (output layer = last ``nn.Linear`` unless
+        ``output_layer=`` names another).
+    ``cache``: ``auto`` | ``folded`` | ``pairwise`` (equal results; a speed choice).
+    """
+    if method not in ("lai", "lli"):
+        raise unsupported(method)
+    train, val = as_batch(train_batch), as_batch(val_batch)
+    est = build_estimator(method, layers=layers, output_layer=output_layer, cache=cache,
+                          chunk_size=chunk_size)
+    with torch.no_grad(), preserved_buffers(model):
+        est.refresh(model, val)
+        with est.capture(model, train) as cap:
+            forward_logits(model, train.inputs)
+        return est.score(cap)

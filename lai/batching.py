@@ -1,0 +1,130 @@
+"""One batch format for the whole library, and the one way to call a model on it.
+
+A *batch* is what `value()`, the estimators and the trainer take. Three forms are accepted:
+
+- ``(inputs, targets)``: a tuple/list; ``inputs`` is a tensor (or a dict of keyword tensors),
+  the model is called as ``model(inputs)`` (or ``model(**inputs)``);
+- a dict of model keyword arguments with a ``labels`` key (Hugging Face style); an ``idx``
+  key, if present, holds dataset indices and is never passed to the model;
+- the internal form produced by the data collators: ``{"idx", "inputs", "labels"}``.
+
+`as_batch` turns any of them into a :class:`Batch`. Model outputs may be tensors, or objects
+or dicts with ``logits``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A batch split into the model's inputs, the targets and (optionally) dataset indices.
+
+    ``inputs``: a tensor ``[B, ...]`` or a dict of tensors with a leading batch dimension.
+    ``labels``: ``[B]`` class ids, or ``[B, T]`` token ids for language modelling
+    (``-100`` = ignored position). ``idx``: ``[B]`` dataset indices or ``None``.
+    """
+
+    inputs: Any
+    labels: torch.Tensor
+    idx: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        """``[B, T]`` mask (1 = real token) when the inputs carry one, else ``None``."""
+        if isinstance(self.inputs, Mapping):
+            return self.inputs.get("attention_mask")
+        return None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        def move(x: Any) -> Any:
+            if torch.is_tensor(x):
+                return x.to(device, non_blocking=non_blocking)
+            if isinstance(x, Mapping):
+                return {k: move(v) for k, v in x.items()}
+            return x
+
+        return Batch(move(self.inputs), move(self.labels), move(self.idx))
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The sub-batch of the given rows (a bool mask ``[B]`` or index tensor)."""
+
+        def take(x: Any) -> Any:
+            if torch.is_tensor(x):
+                return x[rows.to(x.device)]
+            if isinstance(x, Mapping):
+                return {k: take(v) for k, v in x.items()}
+            return x
+
+        return Batch(take(self.inputs), take(self.labels), take(self.idx))
+
+
+def as_batch(batch: Any) -> Batch:
+    """Normalise any accepted batch form (see module docstring) to a :class:`Batch`."""
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise ValueError(
+                "a dict batch needs a 'labels' key (Hugging Face style); got keys "
+                f"{sorted(batch)}"
+            )
+        if "inputs" in batch and set(batch) <= {"inputs", "labels", "idx"}:
+            return Batch(batch["inputs"], batch["labels"], batch.get("idx"))
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "idx")}
+        return Batch(inputs, batch["labels"], batch.get("idx"))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return Batch(batch[0], batch[1], None)
+    raise TypeError(
+        "a batch must be an (inputs, targets) tuple or a dict of model keyword arguments "
+        f"with a 'labels' key; got {type(batch).__name__}"
+    )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of a model output (tensor, ``.logits`` attribute or ``['logits']``)."""
+    if torch.is_tensor(output):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Call ``model`` on ``inputs`` (tensor -> positional, dict -> keywords); return logits.
+
+    Returns ``[B, C]`` for classification or ``[B, T, V]`` for language modelling.
+    """
+    if isinstance(inputs, Mapping):
+        return logits_of(model(**inputs))
+    return logits_of(model(inputs))
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy ``[B]`` (natural log).
+
+    Classification: ``logits [B, C]``, ``labels [B]``. Language modelling: ``logits [B, T, V]``
+    and ``labels [B, T]`` already aligned with the logits (position t predicts ``labels[:, t]``);
+    the per-sample loss is the mean over positions whose label is not ``-100``.
+    """
+    if logits.dim() == 2:
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+    flat = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(labels.shape)
+    counts = (labels != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+    return flat.sum(dim=1) / counts

@@ -1,0 +1,207 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+Every config group has one dataclass here; the YAML files in ``conf/<group>/`` set values
+for it. A key that is not in the dataclass, or a value of the wrong type, fails when Hydra
+composes the config, before any data is loaded. Value checks that types cannot express
+(``val_fraction`` in (0, 1], a known dataset name, ...) live in :func:`validate`, which
+``run.py`` calls before training and which raises :class:`ConfigError` with a one-line message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that composes but makes no sense (one-line message)."""
+
+
+@dataclass
+class DatasetConfig:
+    """Which data, how much of it, and how its validation split and label noise are made."""
+
+    name: str = MISSING  # a key of lai.data.registry.DATASETS, e.g. cifar10n_worst, digits_n
+    train_limit: Optional[int] = None  # cap on training samples (seeded subset), None = all
+    val_size: float = 0.1  # clean held-out validation: fraction (<1) or count (>=1) of train pool
+    val_source: str = "holdout"  # holdout (clean split of train) | split (dataset's own val split)
+    val_limit: Optional[int] = None  # cap on validation samples
+    test_limit: Optional[int] = None  # cap on test samples
+    noise: str = "default"  # cifar-n: human | paper_code ; text: symmetric | paper_code | none
+    noise_rate: float = 0.4  # symmetric noise rate (text / digits)
+    max_length: int = 128  # tokens per text sample (truncation)
+    block_size: int = 128  # tokens per language-modelling block (pile)
+    augment: bool = True  # random crop + flip for vision training batches
+    download: bool = True  # allow torchvision / HF datasets downloads when files are absent
+
+
+@dataclass
+class ModelConfig:
+    """Which network. ``name`` picks the builder; unused fields are ignored by a builder."""
+
+    name: str = MISSING  # resnet18 | bert | gpt_neo | mlp | small_cnn | tiny_transformer
+    stem: str = "imagenet"  # resnet18: imagenet (paper's code: 7x7/2 conv + maxpool) | cifar
+    preset: Optional[str] = None  # bert/gpt_neo: tiny (random init, no download) | minilm | ...
+    name_or_path: Optional[str] = None  # Hugging Face model id or local folder (pretrained)
+    tokenizer: Optional[str] = None  # bytes | a HF tokenizer id/folder; None = model's own
+    hidden: int = 128  # small models: width
+    depth: int = 2  # small models: hidden layers / transformer blocks
+    dropout: float = 0.0
+
+
+@dataclass
+class EstimatorConfig:
+    """How each training sample is valued online (sign: positive = helps)."""
+
+    name: str = "vanilla"  # vanilla | lai | lli
+    layers: str = "all"  # lai layer set: all | code | lli
+    val_fraction: float = 0.1  # fraction of the validation split drawn for each cache refresh
+    val_max: Optional[int] = None  # cap on the validation samples per refresh
+    refresh_every: int = 1  # rebuild the validation cache every N optimizer steps
+    cache: str = "auto"  # auto | folded | pairwise (auto: folded when classes < |V|)
+    val_mode: str = "eval"  # eval | train: module mode for the validation-cache forward
+    output_layer: Optional[str] = None  # module name of the output layer; None = last nn.Linear
+
+
+@dataclass
+class PolicyConfig:
+    """What to do with the values: weights per sample (0/1 for filtering)."""
+
+    name: str = "threshold"  # threshold
+    threshold: float = 0.0  # keep samples with value >= threshold
+    start_epoch: int = 0  # warm-up: epochs (0-based) before this one train on every sample
+
+
+@dataclass
+class RunnerConfig:
+    name: str = "online"  # online
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop (paper App. D defaults live in conf/trainer/*.yaml)."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "constant"  # constant | cosine | linear (per step, after warm-up)
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (all epochs)
+    eval_every_epoch: bool = True
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl | wandb (jsonl records are always written)
+    project: str = "lai"
+    entity: Optional[str] = None
+    mode: str = "offline"  # wandb mode: online | offline | disabled
+
+
+@dataclass
+class Config:
+    """The root config (conf/config.yaml sets the defaults list)."""
+
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data_dir: Optional[str] = None  # else $LAI_DATA, else ~/.cache/lai
+    results_dir: str = "results/runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_name: Optional[str] = None  # folder name prefix; default <dataset>-<estimator>-s<seed>
+    save_scores: bool = False  # write per-sample values and keep decisions per epoch
+    extra: Any = None  # free-form user notes, copied into the record
+
+
+def register_configs() -> None:
+    """Register the schemas so that ``conf/**.yaml`` files are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [("dataset", DatasetConfig), ("model", ModelConfig),
+                        ("estimator", EstimatorConfig), ("policy", PolicyConfig),
+                        ("runner", RunnerConfig), ("trainer", TrainerConfig),
+                        ("logger", LoggerConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# ---- value checks that types cannot express ----------------------------------------------
+_CHOICES = {
+    "estimator.name": ("vanilla", "lai", "lli"),
+    "estimator.cache": ("auto", "folded", "pairwise"),
+    "estimator.val_mode": ("eval", "train"),
+    "policy.name": ("threshold",),
+    "runner.name": ("online",),
+    "trainer.optimizer": ("sgd", "adam", "adamw"),
+    "trainer.schedule": ("constant", "cosine", "linear"),
+    "logger.name": ("jsonl", "wandb"),
+    "dataset.val_source": ("holdout", "split"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Raise :class:`ConfigError` (one line) for values that compose but cannot work."""
+    from lai.data.registry import DATASETS
+    from lai.models.registry import MODELS
+
+    for key, allowed in _CHOICES.items():
+        val = _get(cfg, key)
+        if val not in allowed:
+            raise ConfigError(f"{key}={val!r} is not one of: {', '.join(allowed)}")
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError(f"dataset.name={cfg.dataset.name!r} is unknown; known: "
+                          f"{', '.join(sorted(DATASETS))}")
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.model.name!r} is unknown; known: "
+                          f"{', '.join(sorted(MODELS))}")
+    layers = cfg.estimator.layers
+    if isinstance(layers, str) and layers not in ("all", "code", "lli"):
+        raise ConfigError(f"estimator.layers={layers!r} is not one of: all, code, lli")
+    if cfg.estimator.name == "lli" and layers not in ("all", "lli"):
+        raise ConfigError("estimator=lli uses the output layer only; set estimator.layers only "
+                          "with estimator=lai")
+    checks = [
+        (0 < cfg.estimator.val_fraction <= 1, "estimator.val_fraction must be in (0, 1]"),
+        (cfg.estimator.refresh_every >= 1, "estimator.refresh_every must be >= 1"),
+        (cfg.estimator.val_max is None or cfg.estimator.val_max >= 1,
+         "estimator.val_max must be >= 1"),
+        (cfg.policy.start_epoch >= 0, "policy.start_epoch must be >= 0"),
+        (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
+        (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
+        (cfg.trainer.eval_batch_size >= 1, "trainer.eval_batch_size must be >= 1"),
+        (cfg.trainer.lr > 0, "trainer.lr must be > 0"),
+        (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
+         "trainer.max_steps must be >= 1"),
+        (cfg.trainer.warmup_steps >= 0, "trainer.warmup_steps must be >= 0"),
+        (len(cfg.trainer.betas) == 2, "trainer.betas must have two values"),
+        (cfg.dataset.train_limit is None or cfg.dataset.train_limit >= 1,
+         "dataset.train_limit must be >= 1"),
+        (cfg.dataset.val_size > 0, "dataset.val_size must be > 0"),
+        (0 <= cfg.dataset.noise_rate < 1, "dataset.noise_rate must be in [0, 1)"),
+        (cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
+         f"device={cfg.device!r} is not one of: auto, cpu, cuda, cuda:N"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,17 @@
+"""Errors that end a run before training with a one-line message (``run.py`` prints them)."""
+from __future__ import annotations
+
+
+class MissingResourceError(FileNotFoundError):
+    """Data files or model weights are absent and cannot be downloaded.
+
+    The message names what was looked for and where to put it.
+    """
+
+
+class MissingDataError(MissingResourceError):
+    """A dataset's files are absent (see :class:`MissingResourceError`)."""
+
+
+class MissingModelError(MissingResourceError):
+    """Pretrained weights or a tokenizer cannot be loaded (no network, no local copy)."""

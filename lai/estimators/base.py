@@ -1,0 +1,69 @@
+"""The estimator interfaces (DESIGN.md §2) and the output-gradient helper they share.
+
+Sign convention for every score returned here: **value** = the first-order decrease of the
+validation loss when one SGD step is taken on the sample. Positive helps, negative hurts
+(Koh–Liang influence is the negative of this).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from lai.batching import Batch, per_sample_loss
+
+
+def output_gradient(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``G = d ell_x / d logits_x`` per sample, flattened: ``[B, K]`` (K = C, or T*V for LM).
+
+    ``ell`` is the per-sample cross-entropy of :func:`lai.batching.per_sample_loss`. Because
+    ``ell_x`` depends only on sample x's logits, the gradient of the summed loss with respect
+    to the logits gives every sample's own gradient at once; this costs a softmax, no backward
+    through the network (for plain cross-entropy it equals ``softmax(logits) - onehot(y)``).
+    """
+    z = logits.detach().float() if logits.dtype not in (torch.float32, torch.float64) \
+        else logits.detach()
+    with torch.enable_grad():
+        z = z.requires_grad_(True)
+        (g,) = torch.autograd.grad(per_sample_loss(z, labels).sum(), z)
+    return g.reshape(g.shape[0], -1)
+
+
+class OnlineEstimator(ABC):
+    """Scores the samples of a training batch with the live model, against a validation cache.
+
+    Use: ``refresh(model, val_batch)`` to rebuild the cache; then for a training batch
+    ``with est.capture(model, batch) as cap: model forward`` and ``est.score(cap)``.
+    """
+
+    name: str = "online"
+
+    @abstractmethod
+    def refresh(self, model: nn.Module, val_batch: Batch) -> None:
+        """Rebuild the validation cache from ``val_batch`` with the model in its current mode."""
+
+    @abstractmethod
+    def capture(self, model: nn.Module, batch: Batch) -> AbstractContextManager:
+        """Hooks to hold during the training forward of ``batch``; yields a capture object."""
+
+    @abstractmethod
+    def score(self, capture: Any) -> torch.Tensor:
+        """``[B]`` values of the captured batch, float32, positive = helps."""
+
+
+class VanillaEstimator(OnlineEstimator):
+    """No scoring: plain training. ``score`` returns ``None``; the policy keeps everything."""
+
+    name = "vanilla"
+
+    def refresh(self, model: nn.Module, val_batch: Batch) -> None:
+        return None
+
+    def capture(self, model: nn.Module, batch: Batch) -> AbstractContextManager:
+        return nullcontext(None)
+
+    def score(self, capture: Any) -> None:  # type: ignore[override]
+        return None

@@ -1,0 +1,134 @@
+"""Forward hooks that hand each chosen layer's input to a callback, as per-sample rows.
+
+LAI and LLI need, for every chosen layer ``l``, ``phi_l(x)``: the layer's input for sample
+``x`` flattened, with token positions where ``attention_mask`` is 0 zeroed. The hooks pass
+``phi`` to a callback *during* the forward so it can be folded into a small accumulator and
+dropped at once: nothing per-layer is kept alive beyond what autograd keeps anyway.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lai.batching import logits_of
+
+LayerKey = tuple  # (module name, call index within one forward)
+DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Qualified name of the last ``nn.Linear`` in ``model.named_modules()`` order."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    if name is None:
+        raise ValueError("the model has no nn.Linear layer; pass output_layer=<module name>")
+    return name
+
+
+def select_layers(model: nn.Module, layers: str | Sequence[str], output_layer: str | None = None,
+                  layer_types: tuple[type, ...] = DEFAULT_LAYER_TYPES) -> list[str]:
+    """Names of the modules whose inputs LAI pairs, in registration order.
+
+    ``layers``: ``"all"`` = every module of ``layer_types`` (``nn.Linear``, ``nn.Conv2d`` and
+    their subclasses; the paper's Eq. 4), ``"lli"`` = the output layer only, ``"code"`` = the
+    first such layer (its input is the raw model input for MLPs/CNNs, the embedding output for
+    transformers) plus the output layer, which is what the paper's public code computes;
+    or an explicit list of module names.
+    """
+    modules = dict(model.named_modules())
+    out = output_layer or output_layer_name(model)
+    if out not in modules:
+        raise ValueError(f"output_layer {out!r} is not a module of the model")
+    if not isinstance(layers, str):
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing[0]!r} in the model")
+        return list(layers)
+    typed = [n for n, m in modules.items() if isinstance(m, layer_types)]
+    if layers == "all":
+        return typed if out in typed else typed + [out]
+    if layers == "lli":
+        return [out]
+    if layers == "code":
+        first = typed[0] if typed else out
+        return [first] if first == out else [first, out]
+    raise ValueError(f"unknown layer set {layers!r}; use all | code | lli or a list of names")
+
+
+def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool) -> torch.Tensor:
+    """``x [B, ...]`` -> ``[B, prod(...)]`` in float32 (float64 kept), padding positions zeroed.
+
+    ``mask [B, T]`` applies to token layers whose input is ``[B, T, ...]``.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if token_layer and mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
+        x = x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return x.reshape(x.shape[0], -1)
+
+
+class LayerTap:
+    """Context manager: while active, every call of a named module calls
+    ``on_input(key, phi, shape)`` with ``phi [B, D]`` (flattened, masked) and the unflattened
+    per-sample shape, and the model's logits are kept in ``self.logits``.
+
+    ``key = (module name, call index)`` separates repeated calls of a shared module.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str],
+                 on_input: Callable[[LayerKey, torch.Tensor, torch.Size], None],
+                 attention_mask: torch.Tensor | None = None):
+        self.model = model
+        self.names = list(names)
+        self.on_input = on_input
+        self.mask = attention_mask
+        self.logits: torch.Tensor | None = None
+        self._calls: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str, module: nn.Module):
+        token_layer = isinstance(module, nn.Linear)
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            k = self._calls.get(name, 0)
+            self._calls[name] = k + 1
+            with torch.no_grad():
+                phi = flatten_rows(x.detach(), self.mask, token_layer)
+                self.on_input((name, k), phi, x.shape[1:])
+
+        return hook
+
+    def _keep_logits(self, mod: nn.Module, args: tuple, output) -> None:
+        self.logits = logits_of(output)
+
+    def __enter__(self) -> "LayerTap":
+        modules = dict(self.model.named_modules())
+        for n in self.names:
+            self._handles.append(modules[n].register_forward_pre_hook(
+                self._hook(n, modules[n]), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._keep_logits))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (e.g. BatchNorm running statistics) on exit, so a forward in
+    train mode used only for scoring leaves the model exactly as it was."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)

@@ -1,0 +1,96 @@
+"""Run records: one folder per run, never shared, written as the run goes.
+
+    <results_dir>/<dataset>/<estimator>/<YYYYmmdd-HHMMSS>-s<seed>-<6 hex>/
+        config.yaml     resolved config (written before training starts)
+        metrics.jsonl   one JSON object per line: {"kind": "step"|"epoch"|..., ...}, flushed
+        summary.json    final metrics; written at the end, and with status "failed" and the
+                        error if the run crashes, so nothing already measured is lost
+        scores/epoch_XXX.npz   optional per-sample values and keep decisions by dataset index
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return _jsonable(x.item())
+    return x
+
+
+def make_run_dir(results_dir: str | Path, *parts: str, seed: int) -> Path:
+    """Create a fresh, unique run folder (never reuses an existing one)."""
+    base = Path(results_dir).joinpath(*parts)
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    while True:
+        path = base / f"{stamp}-s{seed}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # astronomically unlikely; try another suffix
+            continue
+
+
+class RunRecorder:
+    """Writes config.yaml, metrics.jsonl, summary.json (and optional scores) for one run."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig | dict, wandb_run: Any = None):
+        self.dir = Path(run_dir)
+        self.wandb = wandb_run
+        text = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else \
+            OmegaConf.to_yaml(OmegaConf.create(cfg))
+        (self.dir / "config.yaml").write_text(text)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, kind: str, **values: Any) -> None:
+        """Append one record line (flushed at once)."""
+        row = {"kind": kind, "time": time.time(), **_jsonable(values)}
+        self._metrics.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in row.items()
+                            if isinstance(v, (int, float)) and k != "time"})
+
+    def save_scores(self, epoch: int, values: np.ndarray, kept: np.ndarray) -> Path:
+        """Per-sample values (float32, NaN = not scored) and keep decisions (int8: 1 kept,
+        0 dropped, -1 not seen) of one epoch, indexed by training-set position."""
+        folder = self.dir / "scores"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"epoch_{epoch:03d}.npz"
+        np.savez_compressed(path, values=values.astype(np.float32), kept=kept.astype(np.int8))
+        return path
+
+    def summary(self, **values: Any) -> dict:
+        """Write summary.json (atomically) and return it."""
+        data = _jsonable({"host": platform.node(), **values})
+        tmp = self.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.dir / "summary.json")
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in data.items()
+                                       if isinstance(v, (int, float, str))})
+        return data
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,46 @@
+"""Shared fixtures: the local data folder (skip when absent) and config composition."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# no test may touch the network: make Hugging Face fail fast instead of retrying for ~20 s
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lai.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+register_configs()
+
+
+def shared_data_dir() -> Path | None:
+    """``$LAI_DATA`` if set and present, else ``../shared/data`` beside the checkout."""
+    for cand in (os.environ.get("LAI_DATA"), ROOT.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand).resolve()
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("local data not found: set LAI_DATA or place it at ../shared/data")
+    return path
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    """Overrides that keep an end-to-end run to seconds and write into tmp_path."""
+    return [f"results_dir={tmp_path / 'runs'}", "trainer.progress=false", "device=cpu"]
