@@ -3,7 +3,7 @@
 ``from lai import value`` scores a batch with your own model; ``run.py`` runs experiments.
 Every score in this package is a *value*: positive = the sample helps (lowers validation loss).
 """
-from lai.api import value
+from lai.api import pairwise, value
 
 __version__ = "0.1.0"
-__all__ = ["value", "__version__"]
+__all__ = ["value", "pairwise", "__version__"]

@@ -1,4 +1,4 @@
-"""The one-call entry point for users who bring their own model."""
+"""The one-call entry points for users who bring their own model."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -8,7 +8,10 @@ from torch import nn
 
 from lai.batching import as_batch, forward_logits
 from lai.estimators.capture import preserved_buffers
+from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.registry import build_estimator, unsupported
+
+ONLINE_METHODS = ("lai", "lli", "ghost")
 
 
 def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
@@ -31,10 +34,12 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
         module names); ``phi_l`` = the layer's input flattened with padded positions zeroed,
         ``G_x = d ell_x / d logits_x``;
       - ``"lli"``: the output layer's term only (output layer = last ``nn.Linear`` unless
-        ``output_layer=`` names another).
-    ``cache``: ``auto`` | ``folded`` | ``pairwise`` (equal results; a speed choice).
+        ``output_layer=`` names another);
+      - ``"ghost"``: ``v_j = <sum_{z in V} grad ell_z, grad ell_j>`` over all trainable
+        parameters, exact (forward-mode directional derivatives; no per-sample gradients).
+    ``cache``: ``auto`` | ``folded`` | ``pairwise`` for lai/lli (equal results; a speed choice).
     """
-    if method not in ("lai", "lli"):
+    if method not in ONLINE_METHODS:
         raise unsupported(method)
     train, val = as_batch(train_batch), as_batch(val_batch)
     est = build_estimator(method, layers=layers, output_layer=output_layer, cache=cache,
@@ -44,3 +49,25 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
         with est.capture(model, train) as cap:
             forward_logits(model, train.inputs)
         return est.score(cap)
+
+
+def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "ghost", *,
+             output_layer: str | None = None, layers: str | Sequence[str] | None = None
+             ) -> torch.Tensor:
+    """``[len(train_batch), len(val_batch)]``: the value of each training sample against each
+    validation sample (positive = helps); each row sums to :func:`value` of that sample.
+
+    ``ghost``: ``<grad ell_z, grad ell_j>`` over all trainable parameters (one forward-mode
+    pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums.
+    """
+    if method not in ONLINE_METHODS:
+        raise unsupported(method)
+    train, val = as_batch(train_batch), as_batch(val_batch)
+    if method == "ghost":
+        return ghost_pairwise(model, train, val)
+    est = build_estimator(method, layers=layers, output_layer=output_layer, cache="pairwise")
+    with torch.no_grad(), preserved_buffers(model):
+        est.refresh(model, val)
+        with est.capture(model, train) as cap:
+            forward_logits(model, train.inputs)
+        return est.pairwise(cap)

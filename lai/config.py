@@ -142,7 +142,7 @@ def register_configs() -> None:
 
 # ---- value checks that types cannot express ----------------------------------------------
 _CHOICES = {
-    "estimator.name": ("vanilla", "lai", "lli"),
+    "estimator.name": ("vanilla", "lai", "lli", "ghost"),
     "estimator.cache": ("auto", "folded", "pairwise"),
     "estimator.val_mode": ("eval", "train"),
     "policy.name": ("threshold",),

@@ -166,12 +166,26 @@ class LAIEstimator(OnlineEstimator):
             yield cap
 
     @torch.no_grad()
-    def score(self, capture: _ScoreCapture) -> torch.Tensor:
-        """``[B]`` LAI values of the captured batch (float32; positive = helps)."""
+    def pairwise(self, capture: _ScoreCapture) -> torch.Tensor:
+        """``[B, |V|]`` per-pair terms (column z); row sums equal :meth:`score`.
+        Needs the pairwise cache (``cache="pairwise"``)."""
+        if self.folded:
+            raise RuntimeError("pairwise terms need cache='pairwise'")
+        g = self._train_output_gradient(capture)
+        if capture.acc is None:
+            return g.new_zeros(g.shape[0], self.n_val)
+        return (g.to(capture.acc.dtype) @ self.g_v.to(capture.acc.dtype).T) * capture.acc
+
+    def _train_output_gradient(self, capture: _ScoreCapture) -> torch.Tensor:
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
         g = output_gradient(capture.logits, capture.labels)
-        g = align_rows(g, capture.logits.shape[1:], self.logit_shape)
+        return align_rows(g, capture.logits.shape[1:], self.logit_shape)
+
+    @torch.no_grad()
+    def score(self, capture: _ScoreCapture) -> torch.Tensor:
+        """``[B]`` LAI values of the captured batch (float32; positive = helps)."""
+        g = self._train_output_gradient(capture)
         b = g.shape[0]
         if capture.acc is None:
             return g.new_zeros(b)

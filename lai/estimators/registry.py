@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
+from lai.estimators.ghost import GhostEstimator
 from lai.estimators.lai import LAIEstimator
 
-ONLINE = ("vanilla", "lai", "lli")
+ONLINE = ("vanilla", "lai", "lli", "ghost")
 PLANNED = {
-    "ghost": "exact Ghost influence (online IP)",
     "ip": "static IP (two-round)",
     "lissa": "LiSSA (two-round)",
     "datainf": "DataInf (two-round)",
@@ -35,4 +35,6 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
             raise ValueError("estimator lli uses the output layer only; use lai with "
                              f"layers={layers!r} instead")
         return LAIEstimator("lli", output_layer, cache, chunk_size)
+    if method == "ghost":
+        return GhostEstimator(chunk_size)
     raise unsupported(method)

@@ -57,8 +57,17 @@ def lai_pairwise(model, tr_call, va_call, tr_y, va_y, names, tr_mask=None, va_ma
     return v
 
 
+def token_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for one sample: logits [1, C] / labels [1], or a language-model sample
+    logits [1, T, V] / labels [1, T] averaged over positions whose label is not -100."""
+    if logits.dim() == 2:
+        return nn.functional.cross_entropy(logits, labels)
+    keep = labels[0] != -100
+    return nn.functional.cross_entropy(logits[0][keep], labels[0][keep])
+
+
 def per_sample_grads(model: nn.Module, param_names: list[str], inputs, labels,
-                     kwargs: bool = False) -> torch.Tensor:
+                     kwargs: bool = False, loss_fn=token_mean_ce) -> torch.Tensor:
     """torch.func per-sample gradients of the cross-entropy w.r.t. the named params: [N, P]."""
     params = {k: v.detach() for k, v in model.named_parameters() if k in param_names}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -69,7 +78,16 @@ def per_sample_grads(model: nn.Module, param_names: list[str], inputs, labels,
             out = functional_call(model, (p, buffers), args=(), kwargs=x)
         else:
             out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+        if hasattr(out, "logits"):
+            out = out.logits
+        return loss_fn(out, y.unsqueeze(0))
 
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    try:
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    except RuntimeError:  # data-dependent control flow in the model (HF masks): one by one
+        rows = []
+        for i in range(labels.shape[0]):
+            x = {k: v[i] for k, v in inputs.items()} if kwargs else inputs[i]
+            rows.append(grad(loss)(params, x, labels[i]))
+        g = {k: torch.stack([r[k] for r in rows]) for k in param_names}
     return torch.cat([g[k].reshape(labels.shape[0], -1) for k in param_names], dim=1)

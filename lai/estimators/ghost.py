@@ -1,0 +1,157 @@
+"""Ghost influence (the online form of IP, "Data Shapley in One Training Run"), exact.
+
+Value of training sample j (positive = helps):
+
+    v_j = < g_V , grad_theta ell_j >,    g_V = sum_{z in V} grad_theta ell_z
+
+over **all trainable parameters**. It is computed without any per-sample gradient:
+``v_j`` is the directional derivative of ``ell_j`` along ``g_V``, so one forward-mode pass
+(every parameter made a dual number with tangent ``g_V``) gives all B values at once. This is
+the probe identity of DESIGN.md §1 (for a linear layer the tangent of its output is the
+"probe" ``W_V a_j``, contracted with ``g_j`` by the rest of the pass) applied by forward-mode
+AD to every operation, so convolutions of any stride/dilation/groups, embeddings,
+LayerNorm/BatchNorm affine parameters, biases, HF ``Conv1D``, tied weights and free
+``nn.Parameter``s are all covered exactly, with no per-layer special case.
+
+Cost: one backward over the validation batch per cache refresh (``g_V``), and a forward pass
+carrying tangents for the training batch. The primal outputs of that pass keep their
+reverse-mode graph, so in one-pass training the same forward also feeds the backward.
+BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
+and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
+from lai.estimators.base import OnlineEstimator
+from lai.estimators.capture import preserved_buffers
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Unique trainable parameters (tied weights appear once)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 512
+                        ) -> list[torch.Tensor]:
+    """``g_V = sum_z grad ell_z`` for every trainable parameter (same order as
+    :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored."""
+    params = trainable_parameters(model)
+    total = [torch.zeros_like(p) for p in params]
+    with preserved_buffers(model), torch.enable_grad():
+        for start in range(0, len(val_batch), chunk_size):
+            chunk = val_batch.select(torch.arange(start, min(len(val_batch), start + chunk_size)))
+            loss = per_sample_loss(forward_logits(model, chunk.inputs), chunk.labels).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for acc, g in zip(total, grads):
+                if g is not None:
+                    acc.add_(g)
+    return total
+
+
+@contextmanager
+def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Inside an active ``fwAD.dual_level``: every parameter ``p`` whose ``id`` is in
+    ``tangents`` is replaced, in every module that holds it (tied weights too), by the dual
+    number ``(p, tangents[id(p)])``; restored on exit. Gradients still flow back to ``p``."""
+    duals: dict[int, torch.Tensor] = {}
+    swapped = []
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or id(p) not in tangents:
+                    continue
+                if id(p) not in duals:
+                    duals[id(p)] = fwAD.make_dual(p, tangents[id(p)].to(p.dtype))
+                swapped.append((module, name, p))
+                module._parameters[name] = duals[id(p)]
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+class _GhostCapture:
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+        self.logits: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class GhostEstimator(OnlineEstimator):
+    """Online exact Ghost/IP values (see module docstring).
+
+    ``direction``: optional callable mapping the list of validation gradients to the tangent
+    direction actually used (Adam preconditioning scales them by ``1/(sqrt(v_hat)+eps)``).
+    """
+
+    name = "ghost"
+
+    def __init__(self, chunk_size: int = 512,
+                 direction: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None):
+        self.chunk_size = int(chunk_size)
+        self.direction = direction
+        self._tangents: dict[int, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def refresh(self, model: nn.Module, val_batch: Batch) -> None:
+        params = trainable_parameters(model)
+        g_v = validation_gradient(model, val_batch, self.chunk_size)
+        if self.direction is not None:
+            g_v = self.direction(g_v)
+        self._tangents = {id(p): g for p, g in zip(params, g_v)}
+
+    @contextmanager
+    def capture(self, model: nn.Module, batch: Batch) -> Iterator[_GhostCapture]:
+        if self._tangents is None:
+            raise RuntimeError("call refresh(model, val_batch) before scoring")
+        cap = _GhostCapture(batch.labels)
+
+        def keep_logits(mod, args, output) -> None:
+            cap.logits = logits_of(output)
+
+        handle = model.register_forward_hook(keep_logits)
+        try:
+            with fwAD.dual_level(), dual_parameters(model, self._tangents):
+                yield cap
+                if cap.logits is None:
+                    raise RuntimeError("no forward ran inside capture()")
+                # the tangents vanish when the dual level closes: read them now
+                losses = per_sample_loss(cap.logits if cap.logits.dtype == torch.float64
+                                         else cap.logits.float(), batch.labels)
+                tangent = fwAD.unpack_dual(losses).tangent
+                cap.values = (tangent.detach() if tangent is not None
+                              else torch.zeros_like(losses.detach()))
+        finally:
+            handle.remove()
+
+    def score(self, capture: _GhostCapture) -> torch.Tensor:
+        """``[B]`` Ghost values of the captured batch (positive = helps)."""
+        if capture.values is None:
+            raise RuntimeError("no forward ran inside capture()")
+        v = capture.values
+        return v if v.dtype == torch.float64 else v.float()
+
+
+@torch.no_grad()
+def ghost_pairwise(model: nn.Module, train_batch: Batch, val_batch: Batch) -> torch.Tensor:
+    """``[B_train, |V|]`` matrix of ``<grad ell_z, grad ell_j>`` (column z), all parameters.
+
+    One validation gradient and one forward-mode pass per validation sample: meant for the
+    small batches of fidelity studies. Row sums equal the Ghost values.
+    """
+    est = GhostEstimator()
+    cols = []
+    with preserved_buffers(model):
+        for z in range(len(val_batch)):
+            est.refresh(model, val_batch.select(torch.tensor([z])))
+            with est.capture(model, train_batch) as cap:
+                forward_logits(model, train_batch.inputs)
+            cols.append(est.score(cap))
+    return torch.stack(cols, dim=1)

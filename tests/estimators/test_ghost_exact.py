@@ -1,0 +1,127 @@
+"""Ghost values against torch.func per-sample gradients (all trainable parameters), float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lai import pairwise, value
+from tests.estimators import brute
+from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
+
+REL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def reference(model, tr_in, tr_y, va_in, va_y, kwargs=False):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    gt = brute.per_sample_grads(model, names, tr_in, tr_y, kwargs)
+    gv = brute.per_sample_grads(model, names, va_in, va_y, kwargs)
+    return gt @ gv.sum(0), gt @ gv.T
+
+
+def strip(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def lm_batch(n, t, vocab, seed):
+    b = token_batch(n, t, vocab, 2, seed)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, :-1] = b["input_ids"][:, 1:]
+    labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+
+def check(model, tr, va, kwargs):
+    if kwargs:
+        ref, ref_pairs = reference(model, strip(tr), tr["labels"], strip(va), va["labels"], True)
+    else:
+        ref, ref_pairs = reference(model, tr[0], tr[1], va[0], va[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    v = value(model, tr, va, method="ghost")
+    assert rel_err(v, ref) < REL
+    pairs = pairwise(model, tr, va, method="ghost")
+    assert pairs.shape == ref_pairs.shape and rel_err(pairs, ref_pairs) < REL
+    assert rel_err(pairs.sum(1), v) < REL
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_mlp():
+    check(MLP(), (torch.randn(7, 12), torch.randint(0, 5, (7,))),
+          (torch.randn(4, 12), torch.randint(0, 5, (4,))), False)
+
+
+def test_cnn_strided_dilated_grouped_batchnorm_eval():
+    model = CNN()
+    model.train()
+    model(torch.randn(16, 3, 10, 10))  # non-trivial running statistics
+    model.eval()
+    check(model, (torch.randn(6, 3, 10, 10), torch.randint(0, 4, (6,))),
+          (torch.randn(3, 3, 10, 10), torch.randint(0, 4, (3,))), False)
+
+
+def test_transformer_with_padding_embedding_layernorm_free_parameter():
+    model = PaddedTransformer().eval()
+    check(model, token_batch(5, 9, 30, 3, 1), token_batch(3, 9, 30, 3, 2), True)
+
+
+def test_bert_tiny_sequence_classification():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=32, num_labels=3,
+                                  attn_implementation="eager")
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    check(model, token_batch(4, 8, 40, 3, 3), token_batch(3, 8, 40, 3, 4), True)
+
+
+def test_gpt_neo_tiny_causal_lm():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoConfig(vocab_size=40, hidden_size=8, num_layers=2, num_heads=2,
+                                    attention_types=[[["global", "local"], 1]],
+                                    max_position_embeddings=32, intermediate_size=16,
+                                    window_size=4, attn_implementation="eager",
+                                    bos_token_id=None, eos_token_id=None)
+    model = transformers.GPTNeoForCausalLM(cfg).eval()  # lm_head is tied to the embedding
+    check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True)
+
+
+def test_hf_conv1d_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=1, n_head=2, n_positions=32,
+                                  num_labels=3, pad_token_id=0, attn_implementation="eager")
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    check(model, token_batch(4, 8, 40, 3, 7), token_batch(3, 8, 40, 3, 8), True)
+
+
+def test_one_pass_training_forward_keeps_its_backward():
+    """The dual forward's primal output still back-propagates to the real parameters."""
+    from lai.batching import as_batch, forward_logits, per_sample_loss
+    from lai.estimators.ghost import GhostEstimator
+
+    model = MLP()
+    tr = as_batch((torch.randn(5, 12), torch.randint(0, 5, (5,))))
+    va = as_batch((torch.randn(3, 12), torch.randint(0, 5, (3,))))
+    est = GhostEstimator()
+    est.refresh(model, va)
+    with est.capture(model, tr) as cap:
+        logits = forward_logits(model, tr.inputs)
+    per_sample_loss(logits, tr.labels).sum().backward()
+    ref = torch.autograd.grad(per_sample_loss(model(tr.inputs), tr.labels).sum(),
+                              list(model.parameters()))
+    for p, g in zip(model.parameters(), ref):
+        assert torch.allclose(p.grad, g)
+    assert rel_err(est.score(cap), value(model, tr, va, method="ghost")) < REL
