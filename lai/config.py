@@ -63,15 +63,23 @@ class EstimatorConfig:
     cache: str = "auto"  # auto | folded | pairwise (auto: folded when classes < |V|)
     val_mode: str = "eval"  # eval | train: module mode for the validation-cache forward
     output_layer: Optional[str] = None  # module name of the output layer; None = last nn.Linear
+    self_influence: bool = False  # V = the current training batch (pre-training, no val set)
+    precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
 
 
 @dataclass
 class PolicyConfig:
     """What to do with the values: weights per sample (0/1 for filtering)."""
 
-    name: str = "threshold"  # threshold
-    threshold: float = 0.0  # keep samples with value >= threshold
+    name: str = "threshold"  # threshold | percentile | mean_std | reweight | spl
+    threshold: float = 0.0  # threshold: keep samples with value >= threshold
     start_epoch: int = 0  # warm-up: epochs (0-based) before this one train on every sample
+    keep_fraction: float = 0.5  # percentile: keep the top q of each batch
+    k: float = 1.0  # mean_std: drop values below mean - k * std of the batch
+    temperature: float = 1.0  # reweight: softmax temperature in units of the batch's std
+    spl_start_fraction: float = 0.5  # spl: initial lambda = this quantile of the first losses
+    spl_lambda: Optional[float] = None  # spl: initial lambda (loss threshold); None = quantile
+    spl_growth: float = 1.1  # spl: lambda multiplied by this every epoch
 
 
 @dataclass
@@ -96,6 +104,8 @@ class TrainerConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     max_steps: Optional[int] = None  # stop after this many optimizer steps (all epochs)
+    strategy: str = "one_pass"  # one_pass: score from the training forward, masked backward;
+    # two_pass: no-grad scoring forward, then forward+backward on the kept samples only
     eval_every_epoch: bool = True
     num_workers: int = 0
     progress: bool = True
@@ -142,10 +152,12 @@ def register_configs() -> None:
 
 # ---- value checks that types cannot express ----------------------------------------------
 _CHOICES = {
-    "estimator.name": ("vanilla", "lai", "lli", "ghost"),
+    "estimator.name": ("vanilla", "lai", "lli", "ghost", "spl"),
+    "estimator.precondition": ("none", "adam"),
+    "trainer.strategy": ("one_pass", "two_pass"),
     "estimator.cache": ("auto", "folded", "pairwise"),
     "estimator.val_mode": ("eval", "train"),
-    "policy.name": ("threshold",),
+    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl"),
     "runner.name": ("online",),
     "trainer.optimizer": ("sgd", "adam", "adamw"),
     "trainer.schedule": ("constant", "cosine", "linear"),

@@ -40,6 +40,7 @@ class OnlineEstimator(ABC):
     """
 
     name: str = "online"
+    needs_validation: bool = True  # False: refresh() is never needed (e.g. SPL)
 
     @abstractmethod
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
@@ -58,6 +59,7 @@ class VanillaEstimator(OnlineEstimator):
     """No scoring: plain training. ``score`` returns ``None``; the policy keeps everything."""
 
     name = "vanilla"
+    needs_validation = False
 
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         return None

@@ -74,22 +74,42 @@ def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool) 
 
 class LayerTap:
     """Context manager: while active, every call of a named module calls
-    ``on_input(key, phi, shape)`` with ``phi [B, D]`` (flattened, masked) and the unflattened
-    per-sample shape, and the model's logits are kept in ``self.logits``.
+    ``on_input(key, phi, shape, token)`` with ``phi [B, D]`` (flattened, masked), the
+    unflattened per-sample input shape, and ``token`` = the layer is an ``nn.Linear`` applied
+    to a ``[B, T, ...]`` sequence; the model's logits are kept in ``self.logits``.
 
     ``key = (module name, call index)`` separates repeated calls of a shared module.
+
+    With ``output_layer``, that module's output ``s^(L)`` is kept in ``self.output`` so that
+    ``d ell / d s^(L)`` can be taken by autograd. Under ``no_grad`` the output is replaced by a
+    detached leaf and grad mode is switched on for the (short) rest of the forward, so the
+    graph from ``s^(L)`` to the logits exists; the mode is restored when the forward returns.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str],
-                 on_input: Callable[[LayerKey, torch.Tensor, torch.Size], None],
-                 attention_mask: torch.Tensor | None = None):
+                 on_input: Callable[[LayerKey, torch.Tensor, torch.Size, bool], None],
+                 attention_mask: torch.Tensor | None = None, output_layer: str | None = None):
         self.model = model
         self.names = list(names)
         self.on_input = on_input
         self.mask = attention_mask
+        self.output_layer = output_layer
         self.logits: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._grad_mode: bool | None = None
         self._calls: dict[str, int] = {}
         self._handles: list = []
+
+    def _keep_output(self, mod: nn.Module, args: tuple, output: torch.Tensor):
+        if torch.is_grad_enabled():
+            self.output = output
+            return None
+        if self._grad_mode is None:
+            self._grad_mode = False
+        torch.set_grad_enabled(True)
+        leaf = output.detach().requires_grad_(True)
+        self.output = leaf
+        return leaf
 
     def _hook(self, name: str, module: nn.Module):
         token_layer = isinstance(module, nn.Linear)
@@ -100,22 +120,32 @@ class LayerTap:
             self._calls[name] = k + 1
             with torch.no_grad():
                 phi = flatten_rows(x.detach(), self.mask, token_layer)
-                self.on_input((name, k), phi, x.shape[1:])
+                self.on_input((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
 
         return hook
 
     def _keep_logits(self, mod: nn.Module, args: tuple, output) -> None:
         self.logits = logits_of(output)
+        self._restore_grad_mode()
+
+    def _restore_grad_mode(self) -> None:
+        if self._grad_mode is not None:
+            torch.set_grad_enabled(self._grad_mode)
+            self._grad_mode = None
 
     def __enter__(self) -> "LayerTap":
         modules = dict(self.model.named_modules())
         for n in self.names:
             self._handles.append(modules[n].register_forward_pre_hook(
                 self._hook(n, modules[n]), with_kwargs=True))
+        if self.output_layer is not None:
+            self._handles.append(modules[self.output_layer].register_forward_hook(
+                self._keep_output))
         self._handles.append(self.model.register_forward_hook(self._keep_logits))
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore_grad_mode()  # if the forward raised before the model hook ran
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -5,21 +5,38 @@ without its leading minus):
 
     v_j = sum_{z in V} sum_l <phi_l(z), phi_l(j)> * <G_z, G_j>
 
-``phi_l(x)``: input of layer l for sample x, flattened, padding positions zeroed.
-``G_x = d ell_x / d logits_x`` (flattened; closed form, no backward through the network).
+- ``phi_l(x)``: the input of layer l (every ``nn.Linear`` / ``nn.Conv2d`` by default) for
+  sample x, with token positions where ``attention_mask`` is 0 zeroed;
+- ``G_x = d ell_x / d s^(L)_x``: the gradient of the per-sample cross-entropy at the output
+  of the output layer L (the last ``nn.Linear`` unless named). When L produces the logits,
+  as in every standard head, this is ``d ell / d logits`` in closed form (a softmax, no
+  backward through the network). When the model pools after its head (GPT-Neo sequence
+  classification reads the last real token's logits), autograd takes the short step from the
+  logits back to ``s^(L)``.
+
 LLI keeps only the output layer's term.
 
-Two exact ways to evaluate it (DESIGN.md §1):
+**Token pairing.** When ``s^(L)`` has a token axis (``[T, K]``: causal language modelling, or
+a head applied at every position), ``G_x`` is per token and every token layer whose positions
+match the output's is paired position by position:
 
-- **folded**: ``M_l = sum_z G_z phi_l(z)^T`` (``K x D_l``) is built once per cache refresh,
-  then ``v_j = sum_l G_j^T M_l phi_l(j)``: cost ``B*K*D_l`` per layer, independent of |V|;
-- **pairwise**: keep ``phi_l(z)`` and ``G_z``; ``v_j = sum_z (sum_l <phi_l(z),phi_l(j)>) <G_z,G_j>``:
-  cost ``B*|V|*D_l``. Used when K >= |V| (e.g. language modelling, K = T*V).
+    <phi_l(z), phi_l(j)> <G_z, G_j>  :=  sum_{s, t} <phi_l(z, s), phi_l(j, t)> <G_{z,s}, G_{j,t}>
 
-Both are computed inside forward hooks, layer by layer, so no layer input outlives its layer.
-Token layers whose validation and training batches were padded to different lengths are
-aligned by zero-padding / truncating the position axis: padding positions are zero in
-``phi`` anyway, so the result is unchanged.
+i.e. the Frobenius product of the "pseudo-gradients" ``sum_t G_{x,t} phi_l(x,t)^T``. For the
+output layer this is exactly the inner product of the per-sample gradients of its weight, so
+LLI is the exact output-layer gradient similarity, for language models too. Layers without
+matching positions (and every layer when ``s^(L)`` is ``[K]``) use the flattened vectors.
+
+Two exact ways to evaluate it (DESIGN.md §1), chosen by size (``cache="auto"``):
+
+- **folded**: ``M_l = sum_z G_z phi_l(z)^T`` (``K x D_l``, or ``T K x D_l`` flattened) built
+  once per refresh; then ``v_j = sum_l <G_j, M_l phi_l(j)>``: independent of |V|;
+- **pairwise**: keep ``phi_l(z)`` and ``G_z`` and contract per pair: cheaper when ``K`` (or
+  ``T K``) exceeds |V|, e.g. language models with a large vocabulary.
+
+Both run inside forward hooks, layer by layer, so no layer input outlives its layer. Token
+layers whose validation and training batches were padded to different lengths are aligned
+by zero-padding/truncating the position axis; padded positions are zero, so nothing changes.
 """
 from __future__ import annotations
 
@@ -29,10 +46,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from lai.batching import Batch, forward_logits
+from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.base import OnlineEstimator, output_gradient
-from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, preserved_buffers,
-                                    select_layers)
+from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, output_layer_name,
+                                    preserved_buffers, select_layers)
 
 
 def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.Tensor:
@@ -48,9 +65,27 @@ def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.
     if t > tt:
         x = x[:, :tt]
     else:
-        pad = x.new_zeros(x.shape[0], tt - t, *shape[1:])
-        x = torch.cat([x, pad], dim=1)
+        x = torch.cat([x, x.new_zeros(x.shape[0], tt - t, *shape[1:])], dim=1)
     return x.reshape(x.shape[0], -1)
+
+
+def output_layer_gradient(tap: LayerTap, labels: torch.Tensor) -> torch.Tensor:
+    """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``)."""
+    logits, s = tap.logits, tap.output
+    if s is None or s is logits:
+        g = output_gradient(logits, labels).view(logits.shape)
+    else:
+        with torch.enable_grad():
+            loss = per_sample_loss(logits if logits.dtype == torch.float64 else logits.float(),
+                                   labels).sum()
+            (g,) = torch.autograd.grad(loss, s, retain_graph=True, allow_unused=True)
+        g = torch.zeros_like(s) if g is None else g
+        g = g.detach()
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
+    if g.dim() == 2:
+        return g.unsqueeze(1)
+    return g.reshape(g.shape[0], g.shape[1], -1) if g.dim() >= 3 else g.view(-1, 1, 1)
 
 
 class _ScoreCapture:
@@ -58,12 +93,17 @@ class _ScoreCapture:
 
     def __init__(self, labels: torch.Tensor):
         self.labels = labels
-        self.acc: torch.Tensor | None = None  # folded: [B, K]; pairwise: [B, |V|]
+        self.acc_tok: torch.Tensor | None = None   # folded [B,T,K] | pairwise [B,|V|,T,T']
+        self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
 
     @property
     def logits(self) -> torch.Tensor | None:
         return self.tap.logits if self.tap is not None else None
+
+
+def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if acc is None else acc + term
 
 
 class LAIEstimator(OnlineEstimator):
@@ -73,7 +113,7 @@ class LAIEstimator(OnlineEstimator):
     Args:
         layers: ``all`` | ``code`` | ``lli`` | list of module names (see ``select_layers``).
         output_layer: module name of the output layer; default the last ``nn.Linear``.
-        cache: ``auto`` (folded when K < |V|) | ``folded`` | ``pairwise``.
+        cache: ``auto`` (the smaller of the two exact forms) | ``folded`` | ``pairwise``.
         chunk_size: validation rows per forward when building the cache.
         layer_types: module types that count as layers for ``all``.
     """
@@ -89,13 +129,15 @@ class LAIEstimator(OnlineEstimator):
         self.chunk_size = int(chunk_size)
         self.layer_types = layer_types
         self.name = "lli" if layers == "lli" else "lai"
+        self.g_scale: torch.Tensor | None = None  # [K] Adam preconditioner on the train side
         self._names: list[str] = []
+        self._out_name: str | None = None
         self.folded = False
-        self.M: dict[LayerKey, torch.Tensor] = {}      # folded: [K, D_l]
-        self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise: [|V|, D_l]
-        self.g_v: torch.Tensor | None = None           # pairwise: [|V|, K]
-        self.shapes: dict[LayerKey, torch.Size] = {}   # per-sample input shape of each layer
-        self.logit_shape: torch.Size | None = None
+        self.token: dict[LayerKey, bool] = {}          # layer paired per token?
+        self.shapes: dict[LayerKey, torch.Size] = {}   # per-sample input shape (validation)
+        self.M: dict[LayerKey, torch.Tensor] = {}      # folded
+        self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise
+        self.g_v: torch.Tensor | None = None           # [|V|, T_out, K]
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
@@ -103,67 +145,96 @@ class LAIEstimator(OnlineEstimator):
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         """Rebuild the cache from ``val_batch`` (model in its current mode; buffers restored)."""
         self._names = select_layers(model, self.layers, self.output_layer, self.layer_types)
+        self._out_name = self.output_layer or output_layer_name(model)
         n = len(val_batch)
         if n == 0:
             raise ValueError("the validation batch is empty")
         feats: dict[LayerKey, list[torch.Tensor]] = {}
+        tokenish: dict[LayerKey, bool] = {}
         grads: list[torch.Tensor] = []
         self.shapes = {}
 
-        def keep(key: LayerKey, phi: torch.Tensor, shape: torch.Size) -> None:
+        def keep(key: LayerKey, phi: torch.Tensor, shape: torch.Size, token: bool) -> None:
             feats.setdefault(key, []).append(phi)
             self.shapes[key] = shape
+            tokenish[key] = token
 
         with preserved_buffers(model):
             for start in range(0, n, self.chunk_size):
                 chunk = val_batch.select(torch.arange(start, min(n, start + self.chunk_size)))
-                with LayerTap(model, self._names, keep, chunk.attention_mask) as tap:
+                with LayerTap(model, self._names, keep, chunk.attention_mask,
+                              self._out_name) as tap:
                     forward_logits(model, chunk.inputs)
-                self.logit_shape = tap.logits.shape[1:]
-                grads.append(output_gradient(tap.logits, chunk.labels))
-        g_v = torch.cat(grads)
-        k = g_v.shape[1]
-        self.n_val = n
-        self.folded = self.cache_mode == "folded" or (self.cache_mode == "auto" and k < n)
-        self.M, self.phi_v, self.g_v = {}, {}, None
-        if self.folded:
-            for key, parts in feats.items():
-                phi = torch.cat(parts)
-                self.M[key] = g_v.to(phi.dtype).T @ phi  # [K, D_l]
-        else:
-            self.phi_v = {key: torch.cat(parts) for key, parts in feats.items()}
-            self.g_v = g_v
+                grads.append(output_layer_gradient(tap, chunk.labels))
+        g_v = torch.cat(grads)  # [n, T_out, K]
+        t_out, k = g_v.shape[1], g_v.shape[2]
+        self.token = {key: tokenish[key] and t_out > 1 and self.shapes[key][0] == t_out
+                      for key in feats}
+        phis = {key: torch.cat(parts) for key, parts in feats.items()}
+        dims = {key: p.shape[1] // (t_out if self.token[key] else 1) for key, p in phis.items()}
+        folded_size = sum(k * d if self.token[key] else t_out * k * d for key, d in dims.items())
+        pairwise_size = n * (sum(p.shape[1] for p in phis.values()) + t_out * k)
+        self.folded = self.cache_mode == "folded" or (
+            self.cache_mode == "auto" and folded_size <= pairwise_size)
+        self.n_val, self.g_v, self.M, self.phi_v = n, g_v, {}, {}
+        for key, phi in phis.items():
+            if self.token[key]:
+                phi = phi.view(n, t_out, -1)
+            if not self.folded:
+                self.phi_v[key] = phi
+            elif self.token[key]:
+                self.M[key] = torch.einsum("nsk,nsd->kd", g_v.to(phi.dtype), phi)
+            else:
+                self.M[key] = g_v.reshape(n, -1).to(phi.dtype).T @ phi
 
     def cache_bytes(self) -> int:
         """Bytes held by the validation cache."""
         tensors = list(self.M.values()) + list(self.phi_v.values())
-        if self.g_v is not None:
+        if self.g_v is not None and not self.folded:
             tensors.append(self.g_v)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- scoring ----------------------------------------------------------------------
     def _accumulate(self, cap: _ScoreCapture, key: LayerKey, phi: torch.Tensor,
-                    shape: torch.Size) -> None:
+                    shape: torch.Size, token: bool) -> None:
         if key not in self.shapes:  # a layer (call) the validation forward never reached
             return
+        b = phi.shape[0]
+        if self.token[key]:
+            phi = phi.view(b, shape[0], -1)
+            if self.folded:
+                m = self.M[key]
+                cap.acc_tok = _add(cap.acc_tok, phi.to(m.dtype) @ m.T)  # [B, T, K]
+            else:
+                pv = self.phi_v[key]
+                cap.acc_tok = _add(cap.acc_tok, torch.einsum("btd,zsd->bzts", phi.to(pv.dtype),
+                                                             pv))
+            return
         phi = align_rows(phi, shape, self.shapes[key])
-        if self.folded:
-            m = self.M[key]
-            term = phi.to(m.dtype) @ m.T  # [B, K]
-        else:
-            pv = self.phi_v[key]
-            term = phi.to(pv.dtype) @ pv.T  # [B, |V|]
-        cap.acc = term if cap.acc is None else cap.acc + term
+        src = self.M[key] if self.folded else self.phi_v[key]
+        cap.acc_flat = _add(cap.acc_flat, phi.to(src.dtype) @ src.T)
 
     @contextmanager
     def capture(self, model: nn.Module, batch: Batch) -> Iterator[_ScoreCapture]:
         if not self._names:
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         cap = _ScoreCapture(batch.labels)
-        with LayerTap(model, self._names, lambda k, p, s: self._accumulate(cap, k, p, s),
-                      batch.attention_mask) as tap:
+        with LayerTap(model, self._names, lambda *a: self._accumulate(cap, *a),
+                      batch.attention_mask, self._out_name) as tap:
             cap.tap = tap
             yield cap
+
+    def _train_gradient(self, capture: _ScoreCapture) -> torch.Tensor:
+        if capture.logits is None:
+            raise RuntimeError("no forward ran inside capture()")
+        g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
+        if self.g_scale is not None:
+            g = g * self.g_scale.to(g.dtype)
+        return g
+
+    def _flat_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """Train gradients re-laid in the validation cache's ``[T_out, K]`` layout."""
+        return align_rows(g.reshape(g.shape[0], -1), g.shape[1:], self.g_v.shape[1:])
 
     @torch.no_grad()
     def pairwise(self, capture: _ScoreCapture) -> torch.Tensor:
@@ -171,27 +242,29 @@ class LAIEstimator(OnlineEstimator):
         Needs the pairwise cache (``cache="pairwise"``)."""
         if self.folded:
             raise RuntimeError("pairwise terms need cache='pairwise'")
-        g = self._train_output_gradient(capture)
-        if capture.acc is None:
-            return g.new_zeros(g.shape[0], self.n_val)
-        return (g.to(capture.acc.dtype) @ self.g_v.to(capture.acc.dtype).T) * capture.acc
-
-    def _train_output_gradient(self, capture: _ScoreCapture) -> torch.Tensor:
-        if capture.logits is None:
-            raise RuntimeError("no forward ran inside capture()")
-        g = output_gradient(capture.logits, capture.labels)
-        return align_rows(g, capture.logits.shape[1:], self.logit_shape)
+        g = self._train_gradient(capture)
+        out = g.new_zeros(g.shape[0], self.n_val)
+        gv = self.g_v
+        if capture.acc_tok is not None:
+            out = out + torch.einsum("bzts,btk,zsk->bz", capture.acc_tok,
+                                     g.to(capture.acc_tok.dtype), gv.to(capture.acc_tok.dtype))
+        if capture.acc_flat is not None:
+            acc = capture.acc_flat
+            out = out + acc * (self._flat_gradient(g).to(acc.dtype)
+                               @ gv.reshape(self.n_val, -1).to(acc.dtype).T)
+        return out
 
     @torch.no_grad()
     def score(self, capture: _ScoreCapture) -> torch.Tensor:
-        """``[B]`` LAI values of the captured batch (float32; positive = helps)."""
-        g = self._train_output_gradient(capture)
-        b = g.shape[0]
-        if capture.acc is None:
-            return g.new_zeros(b)
-        acc = capture.acc
-        if self.folded:
-            v = (g.to(acc.dtype) * acc).sum(1)
-        else:
-            v = ((g.to(acc.dtype) @ self.g_v.to(acc.dtype).T) * acc).sum(1)
+        """``[B]`` LAI values of the captured batch (float32, or float64 for a float64
+        model; positive = helps)."""
+        if not self.folded:
+            v = self.pairwise(capture).sum(1)
+            return v if v.dtype == torch.float64 else v.float()
+        g = self._train_gradient(capture)
+        v = g.new_zeros(g.shape[0])
+        if capture.acc_tok is not None:
+            v = v + (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
+        if capture.acc_flat is not None:
+            v = v + (self._flat_gradient(g).to(capture.acc_flat.dtype) * capture.acc_flat).sum(1)
         return v if v.dtype == torch.float64 else v.float()

@@ -4,14 +4,14 @@ from __future__ import annotations
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.estimators.ghost import GhostEstimator
 from lai.estimators.lai import LAIEstimator
+from lai.estimators.spl import SPLEstimator
 
-ONLINE = ("vanilla", "lai", "lli", "ghost")
+ONLINE = ("vanilla", "lai", "lli", "ghost", "spl")
 PLANNED = {
     "ip": "static IP (two-round)",
     "lissa": "LiSSA (two-round)",
     "datainf": "DataInf (two-round)",
     "trak": "TRAK (two-round)",
-    "spl": "Self-Paced Learning",
 }
 
 
@@ -37,4 +37,6 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
         return LAIEstimator("lli", output_layer, cache, chunk_size)
     if method == "ghost":
         return GhostEstimator(chunk_size)
+    if method == "spl":
+        return SPLEstimator()
     raise unsupported(method)

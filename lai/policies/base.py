@@ -1,7 +1,18 @@
-"""What to do with the scores: ``select(values, step, epoch) -> [B] weights``."""
+"""What to do with the scores: ``select(values, step, epoch) -> [B] weights``.
+
+Sign convention: ``values`` are VALUES, positive = the sample helps. Every policy returns a
+float32 ``[B]`` tensor on the device of ``values`` and never modifies ``values``. The trainer
+uses ``sum(w * loss) / sum(w)`` and skips the optimizer step when every weight is 0.
+
+The concrete policies live in one module each (``threshold``, ``percentile``, ``mean_std``,
+``reweight``, ``spl``); :func:`build_policy` / :func:`build_policy_from_config` are in
+``lai.policies.factory`` and re-exported here and from ``lai.policies``.
+"""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Tuple
 
 import torch
 
@@ -9,11 +20,19 @@ import torch
 class Policy(ABC):
     """Maps a batch's values ``[B]`` (positive = helps) to loss weights ``[B]``.
 
-    ``start_epoch``: warm-up; before this (0-based) epoch every sample gets weight 1 and the
-    runner does not score at all.
+    ``start_epoch``: warm-up; before this (0-based) epoch every sample gets weight 1, the
+    runner does not score at all, and :meth:`weights` is not called (no state changes).
+
+    Subclasses set ``name`` (the config name) and ``params`` (the ``PolicyConfig`` fields
+    their constructor takes besides ``start_epoch``) and implement :meth:`weights`.
     """
 
+    name: ClassVar[str] = ""
+    params: ClassVar[Tuple[str, ...]] = ()
+
     def __init__(self, start_epoch: int = 0):
+        if isinstance(start_epoch, float) and not float(start_epoch).is_integer():
+            raise ValueError(f"policy.start_epoch must be an integer >= 0, got {start_epoch!r}")
         if start_epoch < 0:
             raise ValueError("policy.start_epoch must be >= 0")
         self.start_epoch = int(start_epoch)
@@ -22,25 +41,62 @@ class Policy(ABC):
         """Whether scores are used in this epoch (False during warm-up)."""
         return epoch >= self.start_epoch
 
-    @abstractmethod
     def select(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
-        """``[B]`` float weights for the batch."""
-
-
-class ThresholdPolicy(Policy):
-    """Keep samples whose value is ``>= threshold`` (default 0: drop the harmful ones)."""
-
-    def __init__(self, threshold: float = 0.0, start_epoch: int = 0):
-        super().__init__(start_epoch)
-        self.threshold = float(threshold)
-
-    def select(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+        """``[B]`` float32 weights for the batch (all ones during warm-up)."""
+        if values.dim() != 1:
+            raise ValueError(f"policy expects values of shape [B], got {tuple(values.shape)}")
         if not self.active(epoch):
-            return torch.ones_like(values, dtype=torch.float32)
-        return (values >= self.threshold).float()
+            return torch.ones(values.shape, dtype=torch.float32, device=values.device)
+        if values.numel() == 0:
+            return torch.zeros(0, dtype=torch.float32, device=values.device)
+        return self.weights(values, step, epoch).to(torch.float32)
+
+    @abstractmethod
+    def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+        """Weights for a non-empty batch in an active epoch; must not modify ``values``."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
+        sep = ", " if args else ""
+        return f"{type(self).__name__}({args}{sep}start_epoch={self.start_epoch})"
 
 
-def build_policy(name: str, *, threshold: float = 0.0, start_epoch: int = 0) -> Policy:
-    if name == "threshold":
-        return ThresholdPolicy(threshold, start_epoch)
-    raise ValueError(f"unknown policy {name!r}; available: threshold")
+# ---- helpers shared by the policies ------------------------------------------------------
+def as_float(values: torch.Tensor) -> torch.Tensor:
+    """``values`` detached, as float32 unless already float32/float64 (never a copy to host)."""
+    values = values.detach()
+    return values if values.dtype in (torch.float32, torch.float64) else values.float()
+
+
+def check_real(name: str, x: Any) -> float:
+    """``float(x)``, or a one-line ValueError if it is not a finite number."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"policy.{name} must be a number, got {x!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"policy.{name} must be finite, got {x!r}")
+    return f
+
+
+# ---- backwards compatibility: the factory and ThresholdPolicy used to live here ----------
+def build_policy(name: str, **kwargs: Any) -> Policy:
+    """See :func:`lai.policies.factory.build_policy`."""
+    from lai.policies.factory import build_policy as _build
+
+    return _build(name, **kwargs)
+
+
+def build_policy_from_config(cfg: Any) -> Policy:
+    """See :func:`lai.policies.factory.build_policy_from_config`."""
+    from lai.policies.factory import build_policy_from_config as _build
+
+    return _build(cfg)
+
+
+def __getattr__(attr: str) -> Any:  # ``from lai.policies.base import ThresholdPolicy``
+    if attr == "ThresholdPolicy":
+        from lai.policies.threshold import ThresholdPolicy
+
+        return ThresholdPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,17 +1,26 @@
 """The one training loop: estimator -> policy -> weighted loss, for every runner.
 
-Each step: (maybe) refresh the validation cache; forward the training batch with the
-estimator's hooks attached (one pass: the scores come from the training forward itself and
-the closed-form output gradient, no extra backward); the policy turns values into weights;
-the loss is the weighted mean over kept samples; backward; optimizer step.
+Each step: (maybe) refresh the validation cache; score the batch; the policy turns values
+into weights; the loss is the weighted mean over kept samples; backward; optimizer step.
+
+Two execution strategies (``trainer.strategy``):
+
+- ``one_pass``: the estimator's hooks ride on the training forward itself (LAI needs only
+  the closed-form output gradient; Ghost's forward carries tangents), then one backward of
+  the weighted loss ("masked backward": dropped samples have weight 0);
+- ``two_pass``: a no-grad scoring forward (buffers such as BatchNorm statistics restored),
+  then forward + backward on the kept samples only, so dropped samples cost no backward.
+
+Validation samples never share a train-mode forward with training samples: the cache is
+built from its own forward (in ``estimator.val_mode``, buffers restored).
 """
 from __future__ import annotations
 
 import math
 import resource
-from contextlib import nullcontext
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,8 +31,10 @@ from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.config import EstimatorConfig, TrainerConfig
 from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
+from lai.estimators.capture import preserved_buffers
 from lai.policies.base import Policy
 from lai.train.evaluate import evaluate
+from lai.train.noisy import detection_metrics
 from lai.train.optim import build_optimizer, build_scheduler
 from lai.train.records import RunRecorder
 
@@ -42,31 +53,13 @@ class EpochStats:
     kept: int = 0
     steps: int = 0
     skipped_steps: int = 0
-    dropped_noisy: int = 0
-    dropped: int = 0
-    scored: int = 0        # samples that were scored (outside warm-up)
-    scored_noisy: int = 0  # ... of which the label is noisy
-    values: list = field(default_factory=list)
-
-
-def noisy_label_drop_stats(s: EpochStats) -> dict:
-    """How the policy's drops line up with the known noisy labels (over scored samples).
-
-    ``drop_rate_noisy`` / ``drop_rate_clean``: share of noisy / clean samples dropped;
-    ``dropped_noisy_fraction``: share of the dropped samples whose label is noisy.
-    """
-    clean = s.scored - s.scored_noisy
-    return {
-        "drop_rate_noisy": s.dropped_noisy / s.scored_noisy if s.scored_noisy else None,
-        "drop_rate_clean": (s.dropped - s.dropped_noisy) / clean if clean else None,
-        "dropped_noisy_fraction": s.dropped_noisy / s.dropped if s.dropped else None,
-    }
 
 
 class Trainer:
     """Trains ``model`` on ``data.train`` with online valuation; evaluates every epoch.
 
-    ``fit()`` returns the summary dict (also written to ``summary.json`` by the recorder).
+    ``fit()`` returns the summary dict (the runner writes it to ``summary.json``).
+    ``train_rows`` restricts training to those training-set indices (two-round runners).
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, estimator: OnlineEstimator,
@@ -82,8 +75,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed)
         self.val_gen = torch.Generator().manual_seed(seed + 1)
         self.scoring = not isinstance(estimator, VanillaEstimator)
-        self.noisy = (torch.as_tensor(data.noisy, dtype=torch.bool)
-                      if data.noisy is not None else None)
+        self.self_influence = bool(estimator_cfg.self_influence)
+        self.noisy = np.asarray(data.noisy, dtype=bool) if data.noisy is not None else None
+        self.opt: torch.optim.Optimizer | None = None
 
     # ---- validation cache ------------------------------------------------------------
     def _val_batch(self) -> Batch:
@@ -95,10 +89,10 @@ class Trainer:
         batch = self.data.val.gather(rows).to(self.device, non_blocking=True)
         return Batch(self.data.preprocess(batch.inputs, False), batch.labels, batch.idx)
 
-    def _refresh(self) -> float:
-        """Rebuild the cache; returns seconds spent."""
+    def _refresh(self, batch: Batch | None = None) -> float:
+        """Rebuild the cache from ``batch`` (default: a fresh validation draw); seconds spent."""
         t0 = time.perf_counter()
-        vb = self._val_batch()
+        vb = batch if batch is not None else self._val_batch()
         was_training = self.model.training
         self.model.train(self.ecfg.val_mode == "train")
         try:
@@ -108,47 +102,62 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ---- one step ----------------------------------------------------------------------
-    def _step(self, batch: Batch, epoch: int, step: int, stats: EpochStats) -> dict:
+    def _score(self, batch: Batch, grad: bool):
+        """Forward ``batch`` with the estimator attached; returns (logits, values)."""
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx, (nullcontext() if grad else preserved_buffers(self.model)):
+            with self.est.capture(self.model, batch) as cap:
+                logits = forward_logits(self.model, batch.inputs)
+            return logits, self.est.score(cap)
+
+    def _update(self, logits: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor) -> None:
+        losses = per_sample_loss(logits.float(), labels)
+        loss = (weights * losses).sum() / weights.sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+
+    def _step(self, raw: Batch, epoch: int, step: int, stats: EpochStats) -> dict:
         score_now = self.scoring and self.policy.active(epoch)
-        inputs = self.data.preprocess(batch.inputs, True)
+        batch = Batch(self.data.preprocess(raw.inputs, True), raw.labels, raw.idx)
         self.model.train()
-        with (self.est.capture(self.model, Batch(inputs, batch.labels, batch.idx))
-              if score_now else nullcontext()) as cap:
-            logits = forward_logits(self.model, inputs)
-        losses = per_sample_loss(logits.float(), batch.labels)
-        values = self.est.score(cap) if score_now else None
+        values = None
+        two_pass = score_now and self.cfg.strategy == "two_pass"
+        if score_now and self.self_influence:
+            self._refresh_s += self._refresh(batch)
+        if not score_now:
+            logits = forward_logits(self.model, batch.inputs)
+        else:
+            logits, values = self._score(batch, grad=not two_pass)
+        losses = per_sample_loss(logits.detach().float(), batch.labels)
         weights = (self.policy.select(values, step, epoch) if values is not None
                    else torch.ones_like(losses))
-        kept = int(weights.gt(0).sum())  # one host sync: the record and the skip need it
-        b = len(batch)
+        keep = weights > 0
+        kept = int(keep.sum())  # one host sync: the skip decision and the record need it
         if kept > 0:
-            loss = (weights * losses).sum() / weights.sum()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.opt.step()
+            if two_pass:  # forward + backward on the kept samples only
+                sub = batch.select(keep)
+                self._update(forward_logits(self.model, sub.inputs), sub.labels, weights[keep])
+            else:
+                self._update(logits, batch.labels, weights)
         else:
             stats.skipped_steps += 1
         self.sched.step()
-        stats.loss_sum += float(losses.detach().sum())
+        b = len(batch)
+        stats.loss_sum += float(losses.sum())
         stats.seen += b
         stats.kept += kept
         stats.steps += 1
         if values is not None:
-            dropped = weights.le(0).cpu()
-            stats.dropped += int(dropped.sum())
-            stats.scored += b
-            if self.noisy is not None:
-                noisy = self.noisy[batch.idx.cpu()]
-                stats.scored_noisy += int(noisy.sum())
-                stats.dropped_noisy += int(noisy[dropped].sum())
-            if self.save_scores:
-                self._epoch_values[batch.idx.cpu().numpy()] = values.float().cpu().numpy()
-                self._epoch_kept[batch.idx.cpu().numpy()] = weights.gt(0).cpu().numpy()
+            idx = raw.idx.cpu().numpy()
+            self._epoch_values[idx] = values.detach().float().cpu().numpy()
+            self._epoch_kept[idx] = keep.cpu().numpy()
         elif self.save_scores:
-            self._epoch_kept[batch.idx.cpu().numpy()] = 1
-        return {"loss": float(losses.detach().mean()), "kept": kept, "batch": b,
+            self._epoch_kept[raw.idx.cpu().numpy()] = 1
+        return {"loss": float(losses.mean()), "kept": kept, "batch": b,
                 "value_mean": float(values.mean()) if values is not None else None}
 
     # ---- the whole run -----------------------------------------------------------------
@@ -160,30 +169,34 @@ class Trainer:
         if cfg.max_steps is not None:
             total = min(total, int(cfg.max_steps))
         self.opt = build_optimizer(self.model, cfg)
+        if hasattr(self.est, "bind_optimizer"):
+            self.est.bind_optimizer(self.model, self.opt)
         self.sched = build_scheduler(self.opt, cfg, total)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
-        history, samples_per_epoch, refresh_time, step = [], [], 0.0, 0
-        totals = EpochStats()
+        history, samples_per_epoch, step = [], [], 0
+        self._refresh_s = 0.0
+        periodic_refresh = (self.scoring and not self.self_influence
+                            and getattr(self.est, "needs_validation", True))
+        all_values, all_kept = [], []
         last_eval: dict = {}
+        n_train = len(self.data.train)
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
             stats = EpochStats()
-            n_train = len(self.data.train)
-            if self.save_scores:
-                self._epoch_values = np.full(n_train, np.nan, dtype=np.float32)
-                self._epoch_kept = np.full(n_train, -1, dtype=np.int8)
+            self._epoch_values = np.full(n_train, np.nan, dtype=np.float32)
+            self._epoch_kept = np.full(n_train, -1, dtype=np.int8)
             order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows), generator=self.gen)]
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False, dynamic_ncols=True)
             for i in bar:
                 if step >= total:
                     break
-                if (self.scoring and self.policy.active(epoch)
+                if (periodic_refresh and self.policy.active(epoch)
                         and step % max(1, self.ecfg.refresh_every) == 0):
-                    refresh_time += self._refresh()
+                    self._refresh_s += self._refresh()
                 rows = order[i * bs:(i + 1) * bs]
                 batch = self.data.train.gather(rows).to(self.device, non_blocking=True)
                 out = self._step(batch, epoch, step, stats)
@@ -192,15 +205,13 @@ class Trainer:
                 self.rec.log("step", step=step, epoch=epoch, lr=self.sched.get_last_lr()[0], **out)
             bar.close()
             samples_per_epoch.append(stats.kept)
-            for f in ("dropped", "dropped_noisy", "scored", "scored_noisy"):
-                setattr(totals, f, getattr(totals, f) + getattr(stats, f))
             row = {"epoch": epoch, "step": step, "train_loss": stats.loss_sum / max(1, stats.seen),
                    "seen": stats.seen, "samples_used": stats.kept,
                    "kept_fraction": stats.kept / max(1, stats.seen),
                    "skipped_steps": stats.skipped_steps,
                    "elapsed_s": time.perf_counter() - t_start}
-            if self.noisy is not None and stats.scored:
-                row.update(noisy_label_drop_stats(stats))
+            if self.noisy is not None and np.isfinite(self._epoch_values).any():
+                row.update(detection_metrics(self._epoch_values, self._epoch_kept, self.noisy))
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 last_eval = self._evaluate()
                 row.update(last_eval)
@@ -208,7 +219,9 @@ class Trainer:
             self.rec.log("epoch", **row)
             if self.save_scores:
                 self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept)
-        if not last_eval or (history and "test_acc" not in history[-1]):
+            all_values.append(self._epoch_values)
+            all_kept.append(self._epoch_kept)
+        if not last_eval or "test_acc" not in history[-1]:
             last_eval = self._evaluate()
         wall = time.perf_counter() - t_start
         peak, peak_kind = peak_memory_mb(self.device)
@@ -216,16 +229,20 @@ class Trainer:
         test_accs = [r["test_acc"] for r in history if "test_acc" in r] or [last_eval["test_acc"]]
         summary = {
             "status": "completed", "epochs": len(history), "steps": step,
+            "strategy": cfg.strategy,
             "final_test_acc": last_eval["test_acc"], "best_test_acc": max(test_accs),
             "final_test_loss": last_eval["test_loss"], "final_val_loss": last_eval["val_loss"],
             "final_val_acc": last_eval["val_acc"],
             "samples_per_epoch": samples_per_epoch,
             "kept_fraction": sum(samples_per_epoch) / max(1, seen),
-            "wall_time_s": wall, "cache_refresh_s": refresh_time,
+            "wall_time_s": wall, "cache_refresh_s": self._refresh_s,
             "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         }
-        if self.noisy is not None and totals.scored:
-            summary.update(noisy_label_drop_stats(totals))
+        if self.noisy is not None and all_values and np.isfinite(np.stack(all_values)).any():
+            # pooled over every scored (sample, epoch) pair
+            summary.update(detection_metrics(np.concatenate(all_values),
+                                             np.concatenate(all_kept),
+                                             np.tile(self.noisy, len(all_values))))
         if "test_ppl" in last_eval:
             summary["final_test_ppl"] = last_eval["test_ppl"]
             summary["final_val_ppl"] = last_eval["val_ppl"]

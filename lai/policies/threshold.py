@@ -1,0 +1,27 @@
+"""``threshold``: keep the samples whose value is at least a fixed threshold (weights 0/1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lai.policies.base import Policy
+
+
+class ThresholdPolicy(Policy):
+    """Keep samples whose value is ``>= threshold`` (default 0: drop the harmful ones)."""
+
+    name = "threshold"
+    params = ("threshold",)
+
+    def __init__(self, threshold: float = 0.0, start_epoch: int = 0):
+        super().__init__(start_epoch)
+        try:
+            self.threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise ValueError(f"policy.threshold must be a number, got {threshold!r}") from None
+        if math.isnan(self.threshold):
+            raise ValueError("policy.threshold must not be NaN")
+
+    def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+        return (values >= self.threshold).float()

@@ -1,0 +1,133 @@
+"""LAI/LLI on sequence models: per-token output gradients with token pairing.
+
+Definition tested (see lai/estimators/lai.py): with G_{x,t} = d ell_x / d s^(L)_{x,t} and
+phi_l(x,t) the input of layer l at position t,
+
+    v_j = sum_z sum_l sum_{s,t} <phi_l(z,s), phi_l(j,t)> <G_{z,s}, G_{j,t}>
+
+for token layers, and the flattened pairing for the rest; LLI keeps l = L and then equals the
+inner product of per-sample gradients of the output layer's weight.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lai import pairwise, value
+from tests.estimators import brute
+from tests.estimators.nets import token_batch
+
+transformers = pytest.importorskip("transformers")
+REL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def lm_batch(n, t, vocab, seed):
+    b = token_batch(n, t, vocab, 2, seed)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, :-1] = b["input_ids"][:, 1:]
+    labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+
+def tiny_lm():
+    cfg = transformers.GPTNeoConfig(vocab_size=40, hidden_size=8, num_layers=2, num_heads=2,
+                                    attention_types=[[["global", "local"], 1]],
+                                    max_position_embeddings=32, intermediate_size=16,
+                                    window_size=4, attn_implementation="eager",
+                                    bos_token_id=None, eos_token_id=None,
+                                    tie_word_embeddings=False)
+    return transformers.GPTNeoForCausalLM(cfg).eval()
+
+
+def strip(b):
+    return {k: v for k, v in b.items() if k != "labels"}
+
+
+def token_pairing_reference(model, tr, va, names):
+    """Brute force: every (z, j, layer, s, t) term written out."""
+    def run(batch):
+        feats, out = brute.layer_inputs(model, lambda: model(**strip(batch)).logits, names)
+        lab = batch["labels"]
+        with torch.enable_grad():
+            logits = out.detach().requires_grad_(True)
+            per = torch.stack([nn.functional.cross_entropy(logits[i][lab[i] != -100],
+                                                           lab[i][lab[i] != -100])
+                               for i in range(len(lab))])
+            (g,) = torch.autograd.grad(per.sum(), logits)
+        m = batch["attention_mask"]
+        return {n: f * m[:, :, None] for n, f in feats.items()}, g
+
+    with torch.no_grad():
+        ft, gt = run(tr)
+        fv, gv = run(va)
+    v = torch.zeros(len(tr["labels"]))
+    for j in range(len(v)):
+        for z in range(len(va["labels"])):
+            for n in names:
+                alpha = ft[n][j] @ fv[n][z].T      # [T, S]
+                beta = gt[j] @ gv[z].T             # [T, S]
+                v[j] += (alpha * beta).sum()
+    return v
+
+
+def test_lli_causal_lm_equals_per_sample_lm_head_gradients():
+    model = tiny_lm()
+    tr, va = lm_batch(4, 8, 40, 1), lm_batch(3, 10, 40, 2)  # different padded lengths
+    gt = brute.per_sample_grads(model, ["lm_head.weight"], strip(tr), tr["labels"], True)
+    gv = brute.per_sample_grads(model, ["lm_head.weight"], strip(va), va["labels"], True)
+    ref = gt @ gv.sum(0)
+    for cache in ("folded", "pairwise"):
+        assert rel_err(value(model, tr, va, method="lli", cache=cache), ref) < REL
+    assert rel_err(pairwise(model, tr, va, method="lli"), gt @ gv.T) < REL
+
+
+def test_lai_causal_lm_token_pairing_brute_force():
+    model = tiny_lm()
+    tr, va = lm_batch(3, 7, 40, 3), lm_batch(3, 7, 40, 4)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ref = token_pairing_reference(model, tr, va, names)
+    for cache in ("folded", "pairwise"):
+        assert rel_err(value(model, tr, va, method="lai", cache=cache), ref) < REL
+
+
+def test_self_influence_lm_is_symmetric_pairwise():
+    model = tiny_lm()
+    b = lm_batch(4, 8, 40, 5)
+    p = pairwise(model, b, b, method="lai")
+    assert torch.allclose(p, p.T, atol=1e-12)
+    assert (torch.diagonal(p) >= 0).all()  # each sample agrees with itself
+
+
+def test_gpt_neo_sequence_classification_lli_exact():
+    """The head scores every position and the model reads the last real token's logits:
+    G is taken at the head's output, so LLI equals the per-sample score.weight gradients."""
+    cfg = transformers.GPTNeoConfig(vocab_size=40, hidden_size=8, num_layers=1, num_heads=2,
+                                    attention_types=[[["global"], 1]], max_position_embeddings=32,
+                                    intermediate_size=16, num_labels=3, pad_token_id=0,
+                                    attn_implementation="eager", bos_token_id=None,
+                                    eos_token_id=None)
+    model = transformers.GPTNeoForSequenceClassification(cfg).eval()
+    tr, va = token_batch(4, 8, 40, 3, 6), token_batch(3, 8, 40, 3, 7)
+    gt = brute.per_sample_grads(model, ["score.weight"], strip(tr), tr["labels"], True)
+    gv = brute.per_sample_grads(model, ["score.weight"], strip(va), va["labels"], True)
+    for cache in ("folded", "pairwise"):
+        assert rel_err(value(model, tr, va, method="lli", cache=cache), gt @ gv.sum(0)) < REL
+    # LAI: folded and pairwise agree, and the values are finite and not all zero
+    a = value(model, tr, va, method="lai", cache="folded")
+    b = value(model, tr, va, method="lai", cache="pairwise")
+    assert rel_err(a, b) < REL and a.abs().sum() > 0
