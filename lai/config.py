@@ -193,6 +193,15 @@ def validate(cfg: Any) -> None:
     if cfg.estimator.name == "lli" and layers not in ("all", "lli"):
         raise ConfigError("estimator=lli uses the output layer only; set estimator.layers only "
                           "with estimator=lai")
+    est, pol = cfg.estimator.name, cfg.policy.name
+    if (est == "spl") != (pol == "spl"):
+        raise ConfigError("estimator=spl and policy=spl go together (SPL's value is -loss); "
+                          f"got estimator={est} policy={pol}")
+    if cfg.estimator.precondition == "adam" and cfg.trainer.optimizer not in ("adam", "adamw"):
+        raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
+    if (cfg.estimator.precondition == "adam" or cfg.estimator.self_influence) and \
+            est not in ("lai", "lli", "ghost"):
+        raise ConfigError("estimator.precondition / self_influence apply to lai, lli and ghost")
     checks = [
         (0 < cfg.estimator.val_fraction <= 1, "estimator.val_fraction must be in (0, 1]"),
         (cfg.estimator.refresh_every >= 1, "estimator.refresh_every must be >= 1"),

@@ -99,6 +99,27 @@ class GhostEstimator(OnlineEstimator):
         self.direction = direction
         self._tangents: dict[int, torch.Tensor] | None = None
 
+    def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       precondition: str = "none") -> None:
+        """``precondition="adam"``: use ``D^{-1/2} g_V`` (elementwise, exact for Adam's
+        diagonal preconditioner) as the direction, read at every cache refresh."""
+        if precondition == "none":
+            self.direction = None
+            return
+        from lai.estimators.precondition import AdamPreconditioner
+
+        pre = AdamPreconditioner(optimizer)
+        params = trainable_parameters(model)
+
+        def direction(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+            out = []
+            for p, g in zip(params, grads):
+                inv = pre.inv_sqrt(p)
+                out.append(g if inv is None else g * inv)
+            return out
+
+        self.direction = direction
+
     @torch.no_grad()
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         params = trainable_parameters(model)

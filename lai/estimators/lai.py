@@ -129,7 +129,7 @@ class LAIEstimator(OnlineEstimator):
         self.chunk_size = int(chunk_size)
         self.layer_types = layer_types
         self.name = "lli" if layers == "lli" else "lai"
-        self.g_scale: torch.Tensor | None = None  # [K] Adam preconditioner on the train side
+        self._precondition = None  # callable -> [K] Adam scale of the train-side gradient
         self._names: list[str] = []
         self._out_name: str | None = None
         self.folded = False
@@ -141,6 +141,19 @@ class LAIEstimator(OnlineEstimator):
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
+    def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       precondition: str = "none") -> None:
+        """``precondition="adam"``: scale the training side's output gradient by Adam's
+        ``D^{-1/2}`` of the output layer (per output unit), read fresh at every score."""
+        if precondition == "none":
+            self._precondition = None
+            return
+        from lai.estimators.precondition import AdamPreconditioner
+
+        pre = AdamPreconditioner(optimizer)
+        layer = dict(model.named_modules())[self.output_layer or output_layer_name(model)]
+        self._precondition = lambda: pre.output_rows(layer)
+
     @torch.no_grad()
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         """Rebuild the cache from ``val_batch`` (model in its current mode; buffers restored)."""
@@ -228,8 +241,9 @@ class LAIEstimator(OnlineEstimator):
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
         g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
-        if self.g_scale is not None:
-            g = g * self.g_scale.to(g.dtype)
+        scale = self._precondition() if self._precondition is not None else None
+        if scale is not None:
+            g = g * scale.to(g.dtype)
         return g
 
     def _flat_gradient(self, g: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ class Trainer:
             total = min(total, int(cfg.max_steps))
         self.opt = build_optimizer(self.model, cfg)
         if hasattr(self.est, "bind_optimizer"):
-            self.est.bind_optimizer(self.model, self.opt)
+            self.est.bind_optimizer(self.model, self.opt, self.ecfg.precondition)
         self.sched = build_scheduler(self.opt, cfg, total)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

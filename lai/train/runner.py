@@ -14,7 +14,7 @@ from lai.config import ConfigError, validate
 from lai.data import build_data, needs_tokenizer, resolve_data_dir
 from lai.estimators.registry import build_estimator
 from lai.models import build_model, build_tokenizer
-from lai.policies import build_policy
+from lai.policies import build_policy_from_config
 from lai.train.loop import Trainer, peak_memory_mb
 from lai.train.records import RunRecorder, make_run_dir
 
@@ -73,8 +73,7 @@ def run_experiment(cfg: DictConfig) -> dict:
     estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
                                 output_layer=cfg.estimator.output_layer,
                                 cache=cfg.estimator.cache)
-    policy = build_policy(cfg.policy.name, threshold=cfg.policy.threshold,
-                          start_epoch=cfg.policy.start_epoch)
+    policy = build_policy_from_config(cfg.policy)
 
     run_dir = make_run_dir(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
                            seed=cfg.seed)
