@@ -140,7 +140,14 @@ class GhostEstimator(OnlineEstimator):
         handle = model.register_forward_hook(keep_logits)
         try:
             with fwAD.dual_level(), dual_parameters(model, self._tangents):
-                yield cap
+                try:
+                    yield cap
+                except (NotImplementedError, RuntimeError) as e:
+                    if "forward" in str(e).lower() and ("ad" in str(e) or "grad" in str(e)):
+                        raise NotImplementedError(
+                            "ghost needs forward-mode AD through every operation of the model, "
+                            f"and one of them has none: {str(e).splitlines()[0]}") from e
+                    raise
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")
                 # the tangents vanish when the dual level closes: read them now

@@ -125,3 +125,26 @@ def test_one_pass_training_forward_keeps_its_backward():
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g)
     assert rel_err(est.score(cap), value(model, tr, va, method="ghost")) < REL
+
+
+def test_operation_without_forward_ad_gives_a_clear_error():
+    class NoForwardAD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return NoForwardAD.apply(self.fc(x))
+
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        value(Net(), (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+              (torch.randn(2, 4), torch.tensor([0, 1])), method="ghost")
