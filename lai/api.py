@@ -10,13 +10,15 @@ from lai.batching import as_batch, forward_logits
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.registry import build_estimator, unsupported
+from lai.estimators.static import STATIC, static_values
 
 ONLINE_METHODS = ("lai", "lli", "ghost")
 
 
 def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
           output_layer: str | None = None, layers: str | Sequence[str] | None = None,
-          cache: str = "auto", chunk_size: int = 512) -> torch.Tensor:
+          cache: str = "auto", chunk_size: int = 512, hessian_batch: Any = None,
+          **options: Any) -> torch.Tensor:
     """Value of every sample of ``train_batch`` against ``val_batch``.
 
     Returns a float tensor ``[len(train_batch)]`` (float64 if the model is float64).
@@ -38,7 +40,28 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
       - ``"ghost"``: ``v_j = <sum_{z in V} grad ell_z, grad ell_j>`` over all trainable
         parameters, exact (forward-mode directional derivatives; no per-sample gradients).
     ``cache``: ``auto`` | ``folded`` | ``pairwise`` for lai/lli (equal results; a speed choice).
+
+    Static methods (normally run on a trained model, see ``runner=two_round``):
+      - ``"ip"``: ``<g_V, g_j>`` (same as ghost; the name of the two-round baseline);
+      - ``"lissa"`` (``damping``, ``scale``, ``depth``, ``repeats``):
+        ``g_V^T (H + damping I)^{-1} g_j``, H the mean Hessian of ell over ``hessian_batch``;
+      - ``"datainf"`` (``damping``): DataInf's block-wise closed-form inverse;
+      - ``"trak"`` (``proj_dim``, ``checkpoints``, ``damping``): TRAK, margin output function.
+    ``hessian_batch``: a batch or an iterable of batches the curvature is estimated from
+    (default ``train_batch``).
     """
+    if method in STATIC:
+        if hessian_batch is None:
+            hessians = None
+        elif isinstance(hessian_batch, (tuple, dict)) or hasattr(hessian_batch, "labels"):
+            hessians = [as_batch(hessian_batch)]
+        else:
+            hessians = [as_batch(b) for b in hessian_batch]
+        with preserved_buffers(model):
+            return static_values(method, model, [as_batch(train_batch)], [as_batch(val_batch)],
+                                 hessians, **options)
+    if options:
+        raise TypeError(f"method {method!r} takes no options {sorted(options)}")
     if method not in ONLINE_METHODS:
         raise unsupported(method)
     train, val = as_batch(train_batch), as_batch(val_batch)

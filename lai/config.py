@@ -65,6 +65,14 @@ class EstimatorConfig:
     output_layer: Optional[str] = None  # module name of the output layer; None = last nn.Linear
     self_influence: bool = False  # V = the current training batch (pre-training, no val set)
     precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
+    # static estimators (runner=two_round): ip | lissa | datainf | trak
+    damping: Optional[float] = None  # lissa: lambda (None -> 0.01); datainf: None = its rule
+    lissa_scale: float = 10.0  # LiSSA: must exceed the top eigenvalue of H + lambda I
+    lissa_depth: int = 100  # LiSSA recursion steps
+    lissa_repeats: int = 1  # LiSSA independent repeats, averaged
+    proj_dim: int = 2048  # TRAK projection dimension
+    trak_checkpoints: int = 1  # TRAK ensemble: this many round-1 checkpoints (last epochs)
+    hessian_samples: int = 1000  # lissa/datainf: training samples the curvature is taken from
 
 
 @dataclass
@@ -84,7 +92,11 @@ class PolicyConfig:
 
 @dataclass
 class RunnerConfig:
-    name: str = "online"  # online
+    """``online``: one run with online valuation. ``two_round``: train, score every training
+    sample with a static estimator, drop those with value < threshold, retrain from scratch."""
+
+    name: str = "online"  # online | two_round
+    threshold: float = 0.0  # two_round: remove samples with value < threshold
 
 
 @dataclass
@@ -152,13 +164,14 @@ def register_configs() -> None:
 
 # ---- value checks that types cannot express ----------------------------------------------
 _CHOICES = {
-    "estimator.name": ("vanilla", "lai", "lli", "ghost", "spl"),
+    "estimator.name": ("vanilla", "lai", "lli", "ghost", "spl", "ip", "lissa", "datainf",
+                       "trak"),
     "estimator.precondition": ("none", "adam"),
     "trainer.strategy": ("one_pass", "two_pass"),
     "estimator.cache": ("auto", "folded", "pairwise"),
     "estimator.val_mode": ("eval", "train"),
     "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl"),
-    "runner.name": ("online",),
+    "runner.name": ("online", "two_round"),
     "trainer.optimizer": ("sgd", "adam", "adamw"),
     "trainer.schedule": ("constant", "cosine", "linear"),
     "logger.name": ("jsonl", "wandb"),
@@ -194,6 +207,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError("estimator=lli uses the output layer only; set estimator.layers only "
                           "with estimator=lai")
     est, pol = cfg.estimator.name, cfg.policy.name
+    static = est in ("ip", "lissa", "datainf", "trak")
+    if static != (cfg.runner.name == "two_round"):
+        raise ConfigError(f"estimator={est} is {'static' if static else 'online'}: use "
+                          f"runner={'two_round' if static else 'online'} "
+                          "(static: ip, lissa, datainf, trak)")
     if (est == "spl") != (pol == "spl"):
         raise ConfigError("estimator=spl and policy=spl go together (SPL's value is -loss); "
                           f"got estimator={est} policy={pol}")
@@ -207,6 +225,13 @@ def validate(cfg: Any) -> None:
         (cfg.estimator.refresh_every >= 1, "estimator.refresh_every must be >= 1"),
         (cfg.estimator.val_max is None or cfg.estimator.val_max >= 1,
          "estimator.val_max must be >= 1"),
+        (cfg.estimator.damping is None or cfg.estimator.damping >= 0,
+         "estimator.damping must be >= 0"),
+        (cfg.estimator.lissa_depth >= 1 and cfg.estimator.lissa_repeats >= 1
+         and cfg.estimator.lissa_scale > 0, "estimator.lissa_depth/repeats/scale must be > 0"),
+        (cfg.estimator.proj_dim >= 1 and cfg.estimator.trak_checkpoints >= 1,
+         "estimator.proj_dim and trak_checkpoints must be >= 1"),
+        (cfg.estimator.hessian_samples >= 1, "estimator.hessian_samples must be >= 1"),
         (cfg.policy.start_epoch >= 0, "policy.start_epoch must be >= 0"),
         (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
         (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),

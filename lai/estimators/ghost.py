@@ -183,3 +183,25 @@ def ghost_pairwise(model: nn.Module, train_batch: Batch, val_batch: Batch) -> to
                 forward_logits(model, train_batch.inputs)
             cols.append(est.score(cap))
     return torch.stack(cols, dim=1)
+
+
+@torch.no_grad()
+def directional_derivatives(model: nn.Module, batch: Batch,
+                            direction: list[torch.Tensor]) -> torch.Tensor:
+    """``[B]``: ``<direction, grad_theta ell_j>`` for every sample j of ``batch``, exact, over
+    the trainable parameters in :func:`trainable_parameters` order, by one forward-mode pass.
+
+    Every static estimator here that is linear in the training gradient reduces to this:
+    IP (``direction = g_V``), LiSSA (``(H + lambda I)^{-1} g_V``), DataInf (its block-wise
+    inverse applied to ``g_V``). Buffers are restored; the model's mode is used as is.
+    """
+    params = trainable_parameters(model)
+    if len(direction) != len(params):
+        raise ValueError(f"direction has {len(direction)} tensors, the model "
+                         f"{len(params)} trainable parameters")
+    est = GhostEstimator()
+    est._tangents = {id(p): d for p, d in zip(params, direction)}
+    with preserved_buffers(model):
+        with est.capture(model, batch) as cap:
+            forward_logits(model, batch.inputs)
+    return est.score(cap)

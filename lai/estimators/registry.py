@@ -7,20 +7,18 @@ from lai.estimators.lai import LAIEstimator
 from lai.estimators.spl import SPLEstimator
 
 ONLINE = ("vanilla", "lai", "lli", "ghost", "spl")
-PLANNED = {
-    "ip": "static IP (two-round)",
-    "lissa": "LiSSA (two-round)",
-    "datainf": "DataInf (two-round)",
-    "trak": "TRAK (two-round)",
-}
+
+
+STATIC_NAMES = ("ip", "lissa", "datainf", "trak")
 
 
 def unsupported(method: str) -> ValueError:
-    """A one-line error for an estimator name that is unknown or not implemented yet."""
-    if method in PLANNED:
-        return ValueError(f"estimator {method!r} ({PLANNED[method]}) is not implemented in this "
-                          f"version; available: {', '.join(ONLINE)}")
-    return ValueError(f"unknown estimator {method!r}; available: {', '.join(ONLINE)}")
+    """A one-line error for an estimator name that is unknown or used in the wrong place."""
+    if method in STATIC_NAMES:
+        return ValueError(f"estimator {method!r} is static (two-round): use runner=two_round, "
+                          f"or lai.value(..., method={method!r}); online ones: {', '.join(ONLINE)}")
+    return ValueError(f"unknown estimator {method!r}; online: {', '.join(ONLINE)}; "
+                      f"static: {', '.join(STATIC_NAMES)}")
 
 
 def build_estimator(method: str, *, layers: str | None = None, output_layer: str | None = None,

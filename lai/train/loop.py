@@ -65,7 +65,8 @@ class Trainer:
     def __init__(self, model: nn.Module, data: DataBundle, estimator: OnlineEstimator,
                  policy: Policy, trainer_cfg: TrainerConfig, estimator_cfg: EstimatorConfig,
                  device: torch.device, recorder: RunRecorder, seed: int = 0,
-                 save_scores: bool = False, train_rows: np.ndarray | None = None):
+                 save_scores: bool = False, train_rows: np.ndarray | None = None,
+                 checkpoint_epochs: set[int] | None = None):
         self.model, self.data, self.est, self.policy = model, data, estimator, policy
         self.cfg, self.ecfg = trainer_cfg, estimator_cfg
         self.device, self.rec = device, recorder
@@ -78,6 +79,8 @@ class Trainer:
         self.self_influence = bool(estimator_cfg.self_influence)
         self.noisy = np.asarray(data.noisy, dtype=bool) if data.noisy is not None else None
         self.opt: torch.optim.Optimizer | None = None
+        self.checkpoint_epochs = checkpoint_epochs or set()
+        self.checkpoints: list[dict] = []  # CPU state_dicts at the end of checkpoint_epochs
 
     # ---- validation cache ------------------------------------------------------------
     def _val_batch(self) -> Batch:
@@ -182,6 +185,7 @@ class Trainer:
         all_values, all_kept = [], []
         last_eval: dict = {}
         n_train = len(self.data.train)
+        self.checkpoints = []
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
@@ -219,6 +223,9 @@ class Trainer:
             self.rec.log("epoch", **row)
             if self.save_scores:
                 self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept)
+            if epoch in self.checkpoint_epochs:
+                self.checkpoints.append({k: v.detach().cpu().clone()
+                                         for k, v in self.model.state_dict().items()})
             all_values.append(self._epoch_values)
             all_kept.append(self._epoch_kept)
         if not last_eval or "test_acc" not in history[-1]:

@@ -57,6 +57,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path, cfg: DictConfig | dict, wandb_run: Any = None):
         self.dir = Path(run_dir)
         self.wandb = wandb_run
+        self.context: dict = {}  # merged into every record line (e.g. {"round": 2})
         text = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else \
             OmegaConf.to_yaml(OmegaConf.create(cfg))
         (self.dir / "config.yaml").write_text(text)
@@ -64,7 +65,7 @@ class RunRecorder:
 
     def log(self, kind: str, **values: Any) -> None:
         """Append one record line (flushed at once)."""
-        row = {"kind": kind, "time": time.time(), **_jsonable(values)}
+        row = {"kind": kind, "time": time.time(), **self.context, **_jsonable(values)}
         self._metrics.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in row.items()

@@ -17,6 +17,7 @@ from lai.models import build_model, build_tokenizer
 from lai.policies import build_policy_from_config
 from lai.train.loop import Trainer, peak_memory_mb
 from lai.train.records import RunRecorder, make_run_dir
+from lai.train.two_round import run_two_round
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,14 +67,21 @@ def run_experiment(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     data = build_data(cfg.dataset, data_dir=data_dir, seed=cfg.seed, tokenizer=tokenizer)
     data_time = time.perf_counter() - t0
-    model = build_model(cfg.model, task=data.task, num_classes=data.num_classes,
-                        input_shape=_input_shape(data),
-                        vocab_size=len(tokenizer) if tokenizer is not None else None,
-                        pad_token_id=getattr(tokenizer, "pad_token_id", None)).to(device)
-    estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
-                                output_layer=cfg.estimator.output_layer,
-                                cache=cfg.estimator.cache)
-    policy = build_policy_from_config(cfg.policy)
+
+    def make_model() -> torch.nn.Module:
+        seed_everything(cfg.seed)  # the same initialisation for every model a run builds
+        return build_model(cfg.model, task=data.task, num_classes=data.num_classes,
+                           input_shape=_input_shape(data),
+                           vocab_size=len(tokenizer) if tokenizer is not None else None,
+                           pad_token_id=getattr(tokenizer, "pad_token_id", None)).to(device)
+
+    two_round = cfg.runner.name == "two_round"
+    model = make_model()
+    if not two_round:
+        estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
+                                    output_layer=cfg.estimator.output_layer,
+                                    cache=cfg.estimator.cache)
+        policy = build_policy_from_config(cfg.policy)
 
     run_dir = make_run_dir(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
                            seed=cfg.seed)
@@ -86,9 +94,13 @@ def run_experiment(cfg: DictConfig) -> dict:
         info["train_noise_rate"] = float(np.mean(data.noisy))
     recorder.log("start", **info)
     try:
-        trainer = Trainer(model, data, estimator, policy, cfg.trainer, cfg.estimator, device,
-                          recorder, seed=cfg.seed, save_scores=cfg.save_scores)
-        summary = trainer.fit()
+        if two_round:
+            del model  # each round builds its own
+            summary = run_two_round(cfg, data, make_model, device, recorder)
+        else:
+            trainer = Trainer(model, data, estimator, policy, cfg.trainer, cfg.estimator,
+                              device, recorder, seed=cfg.seed, save_scores=cfg.save_scores)
+            summary = trainer.fit()
     except BaseException as e:  # keep what was measured; re-raise for the caller to see
         peak, kind = peak_memory_mb(device)
         recorder.summary(status="failed", error=f"{type(e).__name__}: {e}",
@@ -98,7 +110,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         raise
     result = recorder.summary(dataset=cfg.dataset.name, model=cfg.model.name,
                               estimator=cfg.estimator.name, policy=cfg.policy.name,
-                              seed=cfg.seed, **summary, **{k: v for k, v in info.items()
+                              runner=cfg.runner.name, seed=cfg.seed, **summary, **{k: v for k, v in info.items()
                                                            if k != "data"})
     recorder.close()
     return result

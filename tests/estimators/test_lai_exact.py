@@ -151,8 +151,8 @@ def test_sign_helpful_sample_is_positive():
 
 def test_unsupported_and_bad_inputs_fail_clearly():
     model, tr, va = mlp_case()
-    with pytest.raises(ValueError, match="lissa"):  # a static method: not an online value
-        value(model, tr, va, method="lissa")
+    with pytest.raises(TypeError, match="options"):  # static-only options on an online method
+        value(model, tr, va, method="lai", damping=0.1)
     with pytest.raises(ValueError, match="unknown estimator"):
         value(model, tr, va, method="nope")
     with pytest.raises(ValueError, match="labels"):

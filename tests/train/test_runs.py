@@ -123,7 +123,7 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("trainer.bogus=1", "bogus"),
     ("estimator.val_fraction=2", "estimator.val_fraction must be in (0, 1]"),
-    ("estimator=trak", "trak"),
+    ("estimator=shapley", "shapley"),
     ("device=tpu", "device"),
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
