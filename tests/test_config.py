@@ -10,6 +10,8 @@ from lai.config import ConfigError, validate
 from lai.data import DATASETS
 from lai.errors import MissingModelError
 from lai.estimators.registry import build_estimator
+from lai.estimators.static import STATIC
+from lai.train.two_round import static_options
 from lai.models import ByteTokenizer, build_model
 from lai.policies import build_policy_from_config
 from lai.train.optim import build_optimizer, build_scheduler
@@ -71,6 +73,10 @@ def test_every_estimator_composes_and_instantiates(name):
     if name == "spl":
         assert cfg.policy.name == "spl"  # estimator=spl picks its policy
     validate(cfg)
+    if name in STATIC:  # picks the two-round runner; its options build
+        assert cfg.runner.name == "two_round"
+        static_options(cfg, checkpoints=[])
+        return
     est = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
                           output_layer=cfg.estimator.output_layer, cache=cfg.estimator.cache)
     assert est.name == name
@@ -79,7 +85,8 @@ def test_every_estimator_composes_and_instantiates(name):
 @pytest.mark.parametrize("group", ["policy", "runner", "logger"])
 def test_small_groups_compose(group):
     for opt in options(group):
-        extra = ["estimator=spl"] if (group, opt) == ("policy", "spl") else []
+        extra = {("policy", "spl"): ["estimator=spl"],
+                 ("runner", "two_round"): ["estimator=ip"]}.get((group, opt), [])
         cfg = compose_cfg(f"{group}={opt}", *extra)
         validate(cfg)
         if group == "policy":
