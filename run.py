@@ -25,6 +25,9 @@ def main(cfg: DictConfig) -> dict:
     except (ConfigError, MissingResourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError as e:  # e.g. TRAK's up-front estimate; the run folder says "failed"
+        print(f"error: out of memory: {e}", file=sys.stderr)
+        sys.exit(3)
     line = (f"[{summary['dataset']} / {summary['estimator']} / seed {summary['seed']}] "
             f"test acc {summary['final_test_acc']:.4f}  kept {summary['kept_fraction']:.3f}  "
             f"val loss {summary['final_val_loss']:.4f}  {summary['wall_time_s']:.1f}s  "
