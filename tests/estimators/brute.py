@@ -91,3 +91,14 @@ def per_sample_grads(model: nn.Module, param_names: list[str], inputs, labels,
             rows.append(grad(loss)(params, x, labels[i]))
         g = {k: torch.stack([r[k] for r in rows]) for k in param_names}
     return torch.cat([g[k].reshape(labels.shape[0], -1) for k in param_names], dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||``."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def strip(batch: dict) -> dict:
+    """A dict batch without its labels: the model's keyword arguments."""
+    return {k: v for k, v in batch.items() if k != "labels"}

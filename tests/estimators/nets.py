@@ -66,3 +66,12 @@ def token_batch(n: int, t: int, vocab: int, classes: int, seed: int) -> dict:
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids * mask, "attention_mask": mask,
             "labels": torch.randint(0, classes, (n,), generator=g)}
+
+
+def lm_batch(n: int, t: int, vocab: int, seed: int) -> dict:
+    """A padded causal-LM batch; labels aligned with logits (next token, -100 = ignored)."""
+    b = token_batch(n, t, vocab, 2, seed)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, :-1] = b["input_ids"][:, 1:]
+    labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}

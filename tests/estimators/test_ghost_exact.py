@@ -6,23 +6,10 @@ import torch
 
 from lai import pairwise, value
 from tests.estimators import brute
-from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
+from tests.estimators.brute import rel_err, strip
+from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch, lm_batch
 
 REL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def reference(model, tr_in, tr_y, va_in, va_y, kwargs=False):
@@ -30,18 +17,6 @@ def reference(model, tr_in, tr_y, va_in, va_y, kwargs=False):
     gt = brute.per_sample_grads(model, names, tr_in, tr_y, kwargs)
     gv = brute.per_sample_grads(model, names, va_in, va_y, kwargs)
     return gt @ gv.sum(0), gt @ gv.T
-
-
-def strip(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def lm_batch(n, t, vocab, seed):
-    b = token_batch(n, t, vocab, 2, seed)
-    labels = torch.full_like(b["input_ids"], -100)
-    labels[:, :-1] = b["input_ids"][:, 1:]
-    labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
-    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
 
 
 def check(model, tr, va, kwargs):

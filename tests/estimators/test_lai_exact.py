@@ -7,27 +7,14 @@ from torch import nn
 
 from lai import value
 from tests.estimators import brute
+from tests.estimators.brute import rel_err
 from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
 
 REL = 1e-6
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def linear_conv_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def mlp_case():

@@ -16,32 +16,11 @@ from torch import nn
 
 from lai import pairwise, value
 from tests.estimators import brute
-from tests.estimators.nets import token_batch
+from tests.estimators.brute import rel_err, strip
+from tests.estimators.nets import token_batch, lm_batch
 
 transformers = pytest.importorskip("transformers")
 REL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def lm_batch(n, t, vocab, seed):
-    b = token_batch(n, t, vocab, 2, seed)
-    labels = torch.full_like(b["input_ids"], -100)
-    labels[:, :-1] = b["input_ids"][:, 1:]
-    labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
-    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
 
 
 def tiny_lm():
@@ -52,10 +31,6 @@ def tiny_lm():
                                     bos_token_id=None, eos_token_id=None,
                                     tie_word_embeddings=False)
     return transformers.GPTNeoForCausalLM(cfg).eval()
-
-
-def strip(b):
-    return {k: v for k, v in b.items() if k != "labels"}
 
 
 def token_pairing_reference(model, tr, va, names):
