@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(LAI_DATA),$(LAI_DATA),../shared/data)
 
-.PHONY: install demo test test-all clean-runs
+.PHONY: install demo test test-all bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 ## the CI suite (offline, CPU, minutes); uses ../shared/data when present, else skips those tests
 test: $(STAMP)
 	LAI_DATA=$(DATA) $(PY) -m pytest -q -m "not gpu"
+
+## cost of online valuation vs plain training, one process; JSON under results/bench/
+bench: $(STAMP)
+	$(PY) scripts/bench_online.py
 
 test-all: $(STAMP)
 	LAI_DATA=$(DATA) $(PY) -m pytest -q

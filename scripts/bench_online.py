@@ -1,0 +1,268 @@
+"""Benchmark (not a test): the cost of online valuation relative to plain training.
+
+    make bench                       # or: python scripts/bench_online.py [--steps 8] [--device auto]
+
+For each setup, the script builds a synthetic data bundle in memory and runs the library's
+own training step (``lai.train.loop.Trainer._step``: the code path real runs use, with its
+preprocessing, scoring, policy and update) for vanilla, LAI, LLI and Ghost, all in one
+process. The setups are:
+
+- ``resnet18``: torchvision ResNet-18 (ImageNet stem, as in the paper's code) on CIFAR-shaped
+  32x32 images, 10 classes;
+- ``bert``: a BERT sequence classifier, 20 classes;
+- ``gpt_neo``: a GPT-Neo causal language model.
+
+On a GPU the transformers are built at their real sizes (bert-base, gpt-neo-125M) from a
+config, with no download. On a CPU the tiny presets are used.
+
+Measured per method:
+
+- median step time over ``--steps`` timed steps, after warm-up steps (CUDA synchronised);
+- GFLOP per step, counted with ``torch.utils.flop_counter.FlopCounterMode``;
+- peak memory of a step (CUDA allocator peak; not measured on CPU);
+- the ratio of each of these to vanilla, measured in the same process;
+- the cost of one validation-cache refresh (|V| samples), reported separately, as a fraction
+  of a vanilla step, and added to the step for the per-step cost at ``refresh_every=1``
+  (Ghost's exact form needs a fresh validation gradient every step, so its target uses that).
+
+Two more rows time a LAI step with filtering: ``lai+filter`` (one pass, keeping the top half
+of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring, then forward and backward
+on the kept half only).
+
+Results go to ``results/bench/online_<device>.json``, with the device name and library
+versions. The last lines printed compare the measurements with issue 6's targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lai.config import EstimatorConfig, TrainerConfig  # noqa: E402
+from lai.data.base import DataBundle, TensorSplit  # noqa: E402
+from lai.estimators.registry import build_estimator  # noqa: E402
+from lai.policies import build_policy  # noqa: E402
+from lai.train.loop import EpochStats, Trainer  # noqa: E402
+from lai.train.optim import build_optimizer, build_scheduler  # noqa: E402
+
+TARGETS = {  # issue 6: (row, metric, bound)
+    "LAI score-only step": ("lai", "time_ratio", 1.15),
+    "LAI filtering epoch (two-pass, half dropped)": ("lai+filter/2pass", "time_ratio", 1.0),
+    # exact Ghost needs g_V of the current model: a validation backward every step
+    "Ghost step incl. its per-step refresh": ("ghost", "total_ratio", 1.5),
+    "LAI peak memory": ("lai", "mem_ratio", 1.05),
+    "Ghost peak memory": ("ghost", "mem_ratio", 1.3),
+}
+
+
+class _NullRecorder:
+    context: dict = {}
+
+    def log(self, *a, **k) -> None:
+        pass
+
+
+def make_setup(name: str, gpu: bool, batch: int | None):
+    """(model, bundle, batch size, |V|) for one setup; data is random but correctly shaped."""
+    g = torch.Generator().manual_seed(0)
+    if name == "resnet18":
+        from lai.data.vision import CifarPreprocess
+        from lai.models.resnet import resnet18
+
+        b = batch or (512 if gpu else 128)
+        n, nv = b * 4, 1000
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        xv = torch.randint(0, 256, (nv, 3, 32, 32), dtype=torch.uint8, generator=g)
+        bundle = DataBundle("bench", "classification", 10,
+                            TensorSplit(x, torch.randint(0, 10, (n,), generator=g)),
+                            TensorSplit(xv, torch.randint(0, 10, (nv,), generator=g)),
+                            TensorSplit(xv[:8], torch.zeros(8, dtype=torch.long)),
+                            preprocess=CifarPreprocess((0.4914, 0.4822, 0.4465),
+                                                       (0.2470, 0.2435, 0.2616), True))
+        return resnet18(10), bundle, b, 100
+    import transformers
+
+    t = 128 if gpu else 64
+    vocab = 50257 if (gpu and name == "gpt_neo") else (30522 if gpu else 259)
+    b = batch or ((32 if name == "bert" else 8) if gpu else 16)
+    n, nv = b * 4, 256
+    ids = torch.randint(1, vocab, (n, t), generator=g)
+    ids_v = torch.randint(1, vocab, (nv, t), generator=g)
+    mask, mask_v = torch.ones_like(ids), torch.ones_like(ids_v)
+    lengths, lengths_v = torch.full((n,), t), torch.full((nv,), t)
+    if name == "bert":
+        cfg = (transformers.BertConfig(num_labels=20, attn_implementation="eager") if gpu else
+               transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64,
+                                       num_labels=20, attn_implementation="eager"))
+        model = transformers.BertForSequenceClassification(cfg)
+        y, yv = (torch.randint(0, 20, (n,), generator=g), torch.randint(0, 20, (nv,), generator=g))
+        task, classes = "classification", 20
+    else:
+        kw = dict(attn_implementation="eager", use_cache=False)
+        cfg = (transformers.GPTNeoConfig(**kw) if gpu else
+               transformers.GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2,
+                                         num_heads=2, attention_types=[[["global", "local"], 1]],
+                                         intermediate_size=64, bos_token_id=None,
+                                         eos_token_id=None, **kw))
+        model = transformers.GPTNeoForCausalLM(cfg)
+        y = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], 1)
+        yv = torch.cat([ids_v[:, 1:], torch.full((nv, 1), -100)], 1)
+        task, classes = "lm", vocab
+    split = lambda i, m, lab, ln: TensorSplit({"input_ids": i, "attention_mask": m}, lab,  # noqa
+                                              trim_key="input_ids", lengths=ln)
+    bundle = DataBundle("bench", task, classes, split(ids, mask, y, lengths),
+                        split(ids_v, mask_v, yv, lengths_v),
+                        split(ids_v[:4], mask_v[:4], yv[:4], lengths_v[:4]))
+    return model, bundle, b, (64 if name == "bert" else b)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_method(setup: str, method: str, device: torch.device, steps: int, warmup: int,
+                 batch: int | None) -> dict:
+    """Time the library's step for one method; returns its measurements."""
+    torch.manual_seed(0)
+    model, data, b, n_val = make_setup(setup, device.type == "cuda", batch)
+    model = model.to(device)
+    if device.type == "cuda" and setup == "resnet18":
+        model = model.to(memory_format=torch.channels_last)
+    est_name = method.split("+")[0]
+    filtering = "+filter" in method
+    two_pass = method.endswith("/2pass")
+    tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
+                         strategy="two_pass" if two_pass else "one_pass")
+    ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
+    est = build_estimator(est_name)
+    policy = (build_policy("percentile", keep_fraction=0.5) if filtering
+              else build_policy("threshold", threshold=-float("inf")))
+    tr = Trainer(model, data, est, policy, tcfg, ecfg, device, _NullRecorder())
+    tr.opt = build_optimizer(model, tcfg)
+    tr.sched = build_scheduler(tr.opt, tcfg, 10_000)
+    tr._refresh_s = 0.0
+    n = len(data.train)
+    tr._epoch_values = np.full(n, np.nan, dtype=np.float32)
+    tr._epoch_kept = np.full(n, -1, dtype=np.int8)
+    scoring = est_name != "vanilla"
+    batches = [data.train.gather(torch.arange(i * b, (i + 1) * b)).to(device)
+               for i in range(n // b)]
+
+    def step(i: int) -> None:
+        tr._step(batches[i % len(batches)], 0, i, EpochStats())
+
+    if scoring:
+        tr._refresh()
+    for i in range(warmup):
+        step(i)
+    refresh_ms = None
+    if scoring:
+        times = []
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            tr._refresh()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        refresh_ms = statistics.median(times)
+    times = []
+    for i in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step(0)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    with FlopCounterMode(display=False) as counter:
+        step(1)
+    result = {"step_ms": statistics.median(times), "step_ms_all": times,
+              "gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
+              "refresh_ms": refresh_ms, "batch": b, "n_val": n_val}
+    del tr, model, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--setups", default="resnet18,bert,gpt_neo")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    methods = ["vanilla", "lai", "lli", "ghost", "lai+filter", "lai+filter/2pass"]
+    report = {"device": gpu_name or f"cpu ({platform.processor() or platform.machine()}, "
+                                    f"{torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "python": platform.python_version(),
+              "steps": args.steps, "warmup": args.warmup, "setups": {}}
+    try:
+        import transformers
+        report["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    print(f"device: {report['device']}  torch {torch.__version__}")
+    header = ("| setup | method | step ms | ratio | GFLOP | GFLOP ratio | peak MiB | mem ratio "
+              "| refresh ms | refresh/step | step+refresh ratio |")
+    print(header)
+    print("|" + "---|" * 11)
+    for setup in args.setups.split(","):
+        rows = {}
+        for m in methods:
+            rows[m] = bench_method(setup, m, device, args.steps, args.warmup, args.batch)
+        base = rows["vanilla"]
+        for m, r in rows.items():
+            r["time_ratio"] = r["step_ms"] / base["step_ms"]
+            r["gflop_ratio"] = r["gflop"] / base["gflop"] if base["gflop"] else None
+            r["mem_ratio"] = (r["peak_mem_mb"] / base["peak_mem_mb"]
+                              if r["peak_mem_mb"] and base["peak_mem_mb"] else None)
+            r["refresh_over_step"] = (r["refresh_ms"] / base["step_ms"]
+                                      if r["refresh_ms"] is not None else None)
+            # cost per step with refresh_every=1 (the paper's setting)
+            r["total_ratio"] = r["time_ratio"] + (r["refresh_over_step"] or 0.0)
+            f = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
+            print(f"| {setup} | {m} | {r['step_ms']:.1f} | {r['time_ratio']:.2f} | "
+                  f"{r['gflop']:.2f} | {f(r['gflop_ratio'], '.2f')} | "
+                  f"{f(r['peak_mem_mb'], '.0f')} | {f(r['mem_ratio'], '.2f')} | "
+                  f"{f(r['refresh_ms'], '.1f')} | {f(r['refresh_over_step'], '.2f')} | "
+                  f"{r['total_ratio']:.2f} |")
+        report["setups"][setup] = rows
+    print("\ntargets (issue 6):")
+    for label, (row, metric, bound) in TARGETS.items():
+        for setup, rows in report["setups"].items():
+            got = rows[row][metric]
+            state = "n/a (not measured on CPU)" if got is None else (
+                f"{got:.2f} {'met' if got <= bound else 'MISSED'}")
+            print(f"  {label} <= {bound}: {setup}: {state}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"online_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
