@@ -6,6 +6,8 @@ stops with a one-line message that names the models that do fit.
 """
 from __future__ import annotations
 
+from lai.estimators.capture import output_layer_name  # noqa: F401  (re-exported)
+
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -125,17 +127,3 @@ def build_model(cfg: Any, *, task: str, num_classes: int, input_shape: tuple | N
             f"{', '.join(fit) or 'none'}"
         )
     return spec.build(cfg, task, num_classes, input_shape, vocab_size, pad_token_id)
-
-
-def output_layer_name(model: nn.Module) -> str:
-    """Qualified name of the last ``nn.Linear`` in ``model.named_modules()`` order: the output
-    layer (classifier or LM head) for every model built here (``fc``, ``classifier``,
-    ``score``, ``lm_head``, ``head``).
-    """
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to use as output layer")
-    return last

@@ -113,9 +113,8 @@ class Trainer:
                 logits = forward_logits(self.model, batch.inputs)
             return logits, self.est.score(cap)
 
-    def _update(self, logits: torch.Tensor, labels: torch.Tensor,
-                weights: torch.Tensor) -> None:
-        losses = per_sample_loss(logits.float(), labels)
+    def _update(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
+        """Backward of the weighted mean of per-sample ``losses`` [B]; optimizer step."""
         loss = (weights * losses).sum() / weights.sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,7 +134,8 @@ class Trainer:
             logits = forward_logits(self.model, batch.inputs)
         else:
             logits, values = self._score(batch, grad=not two_pass)
-        losses = per_sample_loss(logits.detach().float(), batch.labels)
+        # computed once: it feeds the backward (one pass) and the record
+        losses = per_sample_loss(logits.float(), batch.labels)
         weights = (self.policy.select(values, step, epoch) if values is not None
                    else torch.ones_like(losses))
         keep = weights > 0
@@ -143,25 +143,29 @@ class Trainer:
         if kept > 0:
             if two_pass:  # forward + backward on the kept samples only
                 sub = batch.select(keep)
-                self._update(forward_logits(self.model, sub.inputs), sub.labels, weights[keep])
+                self._update(per_sample_loss(forward_logits(self.model, sub.inputs).float(),
+                                             sub.labels), weights[keep])
             else:
-                self._update(logits, batch.labels, weights)
+                self._update(losses, weights)
         else:
             stats.skipped_steps += 1
         self.sched.step()
         b = len(batch)
-        stats.loss_sum += float(losses.sum())
+        loss_sum = float(losses.detach().sum())
+        stats.loss_sum += loss_sum
         stats.seen += b
         stats.kept += kept
         stats.steps += 1
+        value_mean = None
         if values is not None:
             idx = raw.idx.cpu().numpy()
-            self._epoch_values[idx] = values.detach().float().cpu().numpy()
+            vals = values.detach().float().cpu().numpy()
+            self._epoch_values[idx] = vals
             self._epoch_kept[idx] = keep.cpu().numpy()
+            value_mean = float(vals.mean())
         elif self.save_scores:
             self._epoch_kept[raw.idx.cpu().numpy()] = 1
-        return {"loss": float(losses.mean()), "kept": kept, "batch": b,
-                "value_mean": float(values.mean()) if values is not None else None}
+        return {"loss": loss_sum / b, "kept": kept, "batch": b, "value_mean": value_mean}
 
     # ---- the whole run -----------------------------------------------------------------
     def fit(self) -> dict:

@@ -54,8 +54,8 @@ def test_two_pass_does_no_backward_for_dropped_samples(tiny_overrides, monkeypat
     sizes = []
     orig = loop.Trainer._update
     monkeypatch.setattr(loop.Trainer, "_update",
-                        lambda self, logits, labels, w: sizes.append(len(labels))
-                        or orig(self, logits, labels, w))
+                        lambda self, losses, w: sizes.append(len(losses))
+                        or orig(self, losses, w))
     s = run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=1",
                                    "trainer.strategy=two_pass", *tiny_overrides))
     assert sum(sizes) == s["samples_per_epoch"][0] < s["n_train"]
