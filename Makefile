@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(LAI_DATA),$(LAI_DATA),../shared/data)
 
-.PHONY: install demo test test-all bench clean-runs
+.PHONY: install demo test test-all bench tables experiments-reduced clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ test: $(STAMP)
 ## cost of online valuation vs plain training, one process; JSON under results/bench/
 bench: $(STAMP)
 	$(PY) scripts/bench_online.py
+
+## Tables 1-4 and Figures 1-2 from the run records in results/ (never trains; < 2 min)
+tables: $(STAMP)
+	$(PY) scripts/make_tables.py
+
+## every artifact's reduced-scale sweep on this machine (CPU, about 30 min each), then tables
+experiments-reduced: $(STAMP)
+	for a in table1 table2 table3 fig1 fig2; do \
+	  LAI_DATA=$(DATA) $(PY) scripts/run_experiment.py $$a --scale reduced || exit 1; done
+	$(PY) scripts/make_tables.py
 
 test-all: $(STAMP)
 	LAI_DATA=$(DATA) $(PY) -m pytest -q

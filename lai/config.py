@@ -48,6 +48,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # bytes | a HF tokenizer id/folder; None = model's own
     hidden: int = 128  # small models: width
     depth: int = 2  # small models: hidden layers / transformer blocks
+    num_layers: Optional[int] = None  # pretrained BERT: keep only the first k encoder layers
     dropout: float = 0.0
 
 
@@ -119,6 +120,7 @@ class TrainerConfig:
     strategy: str = "one_pass"  # one_pass: score from the training forward, masked backward;
     # two_pass: no-grad scoring forward, then forward+backward on the kept samples only
     eval_every_epoch: bool = True
+    eval_at_steps: List[int] = field(default_factory=list)  # also evaluate after these steps
     num_workers: int = 0
     progress: bool = True
 
@@ -240,6 +242,10 @@ def validate(cfg: Any) -> None:
         (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
          "trainer.max_steps must be >= 1"),
         (cfg.trainer.warmup_steps >= 0, "trainer.warmup_steps must be >= 0"),
+        (all(int(s) >= 1 for s in cfg.trainer.eval_at_steps),
+         "trainer.eval_at_steps must be steps >= 1"),
+        (cfg.model.get("num_layers") is None or cfg.model.num_layers >= 1,
+         "model.num_layers must be >= 1"),
         (len(cfg.trainer.betas) == 2, "trainer.betas must have two values"),
         (cfg.dataset.train_limit is None or cfg.dataset.train_limit >= 1,
          "dataset.train_limit must be >= 1"),

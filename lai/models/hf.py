@@ -103,8 +103,12 @@ def bert(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
             attn_implementation="eager",
         )
         return BertForSequenceClassification(config)
+    # num_layers keeps the first k pretrained encoder layers (from_pretrained drops the
+    # rest): a cheaper but still pretrained encoder for CPU-sized experiments.
+    layers = getattr(cfg, "num_layers", None)
+    depth = {} if layers is None else {"num_hidden_layers": int(layers)}
     model = _from_pretrained(BertForSequenceClassification, path, local_only=source == "minilm",
-                             num_labels=num_classes)
+                             num_labels=num_classes, **depth)
     _fit_vocab(model, vocab_size)
     return model
 

@@ -190,6 +190,9 @@ class Trainer:
         last_eval: dict = {}
         n_train = len(self.data.train)
         self.checkpoints = []
+        eval_at = {int(s) for s in cfg.eval_at_steps}
+        step_evals: dict[str, dict] = {}
+        removed = 0
         for epoch in range(cfg.epochs):
             if step >= total:
                 break
@@ -211,8 +214,13 @@ class Trainer:
                 step += 1
                 bar.set_postfix(loss=f"{out['loss']:.3f}", kept=f"{out['kept']}/{out['batch']}")
                 self.rec.log("step", step=step, epoch=epoch, lr=self.sched.get_last_lr()[0], **out)
+                if step in eval_at:  # e.g. Table 1's perplexity after 5,000 and 10,000 batches
+                    step_evals[str(step)] = {"removed_so_far": removed + stats.seen - stats.kept,
+                                             **self._evaluate()}
+                    self.rec.log("step_eval", step=step, **step_evals[str(step)])
             bar.close()
             samples_per_epoch.append(stats.kept)
+            removed += stats.seen - stats.kept
             row = {"epoch": epoch, "step": step, "train_loss": stats.loss_sum / max(1, stats.seen),
                    "seen": stats.seen, "samples_used": stats.kept,
                    "kept_fraction": stats.kept / max(1, stats.seen),
@@ -226,7 +234,8 @@ class Trainer:
             history.append(row)
             self.rec.log("epoch", **row)
             if self.save_scores:
-                self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept)
+                self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept,
+                                     noisy=self.noisy if epoch == 0 else None)
             if epoch in self.checkpoint_epochs:
                 self.checkpoints.append({k: v.detach().cpu().clone()
                                          for k, v in self.model.state_dict().items()})
@@ -246,6 +255,9 @@ class Trainer:
             "final_val_acc": last_eval["val_acc"],
             "samples_per_epoch": samples_per_epoch,
             "kept_fraction": sum(samples_per_epoch) / max(1, seen),
+            "samples_seen": seen, "samples_removed": removed,
+            "history": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
+                        for r in history],
             "wall_time_s": wall, "cache_refresh_s": self._refresh_s,
             "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         }
@@ -254,6 +266,8 @@ class Trainer:
             summary.update(detection_metrics(np.concatenate(all_values),
                                              np.concatenate(all_kept),
                                              np.tile(self.noisy, len(all_values))))
+        if step_evals:
+            summary["step_evals"] = step_evals
         if "test_ppl" in last_eval:
             summary["final_test_ppl"] = last_eval["test_ppl"]
             summary["final_val_ppl"] = last_eval["val_ppl"]

@@ -6,6 +6,7 @@
         summary.json    final metrics; written at the end, and with status "failed" and the
                         error if the run crashes, so nothing already measured is lost
         scores/epoch_XXX.npz   optional per-sample values and keep decisions by dataset index
+        scores/noisy.npy       with the scores, when the noise is known: which labels are noisy
 """
 from __future__ import annotations
 
@@ -71,11 +72,15 @@ class RunRecorder:
             self.wandb.log({f"{kind}/{k}": v for k, v in row.items()
                             if isinstance(v, (int, float)) and k != "time"})
 
-    def save_scores(self, epoch: int, values: np.ndarray, kept: np.ndarray) -> Path:
+    def save_scores(self, epoch: int, values: np.ndarray, kept: np.ndarray,
+                    noisy: np.ndarray | None = None) -> Path:
         """Per-sample values (float32, NaN = not scored) and keep decisions (int8: 1 kept,
-        0 dropped, -1 not seen) of one epoch, indexed by training-set position."""
+        0 dropped, -1 not seen) of one epoch, indexed by training-set position. ``noisy``
+        (bool, label differs from the clean one), when given, goes to ``scores/noisy.npy``."""
         folder = self.dir / "scores"
         folder.mkdir(exist_ok=True)
+        if noisy is not None:
+            np.save(folder / "noisy.npy", np.asarray(noisy, dtype=bool))
         path = folder / f"epoch_{epoch:03d}.npz"
         np.savez_compressed(path, values=values.astype(np.float32), kept=kept.astype(np.int8))
         return path

@@ -25,3 +25,16 @@ def test_minilm_model_and_tokenizer_offline(monkeypatch):
     assert output_layer_name(model) == "classifier"
     # Pretrained, not random: the word embeddings are not at their init scale (std 0.02).
     assert model.bert.embeddings.word_embeddings.weight.std().item() > 0.03
+
+
+def test_minilm_num_layers_keeps_the_first_pretrained_layers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    full = build_model(ModelConfig(name="bert", preset="minilm"), task="classification",
+                       num_classes=3)
+    short = build_model(ModelConfig(name="bert", preset="minilm", num_layers=2),
+                        task="classification", num_classes=3)
+    assert short.config.num_hidden_layers == 2 and len(short.bert.encoder.layer) == 2
+    for k in range(2):  # the kept layers carry the pretrained weights, unchanged
+        a = full.bert.encoder.layer[k].state_dict()
+        b = short.bert.encoder.layer[k].state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a)

@@ -131,3 +131,28 @@ def test_bad_config_fails_before_training(tmp_path, override, message):
     assert p.returncode != 0
     assert message in p.stderr
     assert not (tmp_path / "runs").exists() or not run_dirs(tmp_path / "runs")
+
+
+def test_eval_at_steps_and_removed_count(tiny_overrides):
+    cfg = compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=2",
+                      "trainer.eval_at_steps=[3,10]", *tiny_overrides)
+    s = run_experiment(cfg)
+    assert set(s["step_evals"]) == {"3", "10"}
+    for ev in s["step_evals"].values():
+        assert 0 <= ev["test_acc"] <= 1 and ev["val_loss"] > 0
+    assert s["step_evals"]["3"]["removed_so_far"] <= s["step_evals"]["10"]["removed_so_far"]
+    assert s["samples_removed"] == s["samples_seen"] - sum(s["samples_per_epoch"])
+    assert [h["epoch"] for h in s["history"]] == [0, 1]
+    lines = read_jsonl(Path(s["run_dir"]) / "metrics.jsonl")
+    assert [r["step"] for r in lines if r["kind"] == "step_eval"] == [3, 10]
+
+
+def test_a_failing_job_does_not_end_a_sweep(tmp_path):
+    out = tmp_path / "runs"
+    # the second job's learning rate is invalid: it fails, the third still runs
+    p = _run_py("--multirun", "dataset=digits_n", "trainer.lr=0.01,-1,0.02", "trainer.epochs=1",
+                f"results_dir={out}", "trainer.progress=false",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "trainer.lr must be > 0" in p.stderr
+    assert len(run_dirs(out)) == 2
