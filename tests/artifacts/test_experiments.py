@@ -27,6 +27,8 @@ def expand(overrides: list[str]) -> list[list[str]]:
     for o in overrides:
         key, val = o.split("=", 1)
         vals = [val] if val.startswith("[") else val.split(",")
+        if key == "seed":  # seeds never change whether a job composes: check one
+            vals = vals[:1]
         choices.append([f"{key}={v}" for v in vals])
     return [list(c) for c in itertools.product(*choices)]
 

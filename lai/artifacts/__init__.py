@@ -1,0 +1,1 @@
+"""Paper artifacts (tables and figures) built from the committed results."""
