@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401  (MaxNLocator)
 import numpy as np  # noqa: E402
 
 from lai.artifacts.collect import describe_model  # noqa: E402
@@ -59,30 +60,36 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
     fig = plt.figure(figsize=(15, 4.6), constrained_layout=True)
     gs = fig.add_gridspec(1, 3, width_ratios=[1.25, 1.0, 1.0])
 
-    # A: per-epoch distributions, clean vs noisy labels (robustly clipped for readability)
+    # A: per-epoch distributions, clean vs noisy labels. Scores shrink and grow by orders of
+    # magnitude over training, so each epoch is divided by its own standard deviation (the
+    # shapes and the clean/noisy gap stay comparable) and clipped to its 1st-99th percentile.
     ax = fig.add_subplot(gs[0])
-    finite = values[np.isfinite(values)]
-    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (-1, 1)
     groups = [("clean", ~noisy, "tab:blue"), ("noisy", noisy, "tab:red")] if noisy is not None \
         else [("all", np.ones(values.shape[1], bool), "tab:blue")]
+    scaled = np.full_like(values, np.nan)
+    for e, v in enumerate(values):
+        fin = np.isfinite(v)
+        if fin.sum() > 1:
+            lo, hi = np.percentile(v[fin], [1, 99])
+            scaled[e, fin] = np.clip(v[fin], lo, hi) / max(float(np.std(v[fin])), 1e-30)
     width = 0.8 / len(groups)
     for k, (name, mask, color) in enumerate(groups):
-        data_k = [np.clip(v[mask & np.isfinite(v)], lo, hi) for v in values]
         pos = epochs + (k - (len(groups) - 1) / 2) * width
-        ok = [d if d.size else np.array([np.nan]) for d in data_k]
-        parts = ax.violinplot(ok, positions=pos, widths=width, showmedians=True)
+        data_k = [v[mask & np.isfinite(v)] for v in scaled]
+        data_k = [d if d.size else np.array([np.nan]) for d in data_k]
+        parts = ax.violinplot(data_k, positions=pos, widths=width, showmedians=True,
+                              showextrema=False)
         for body in parts["bodies"]:
             body.set_facecolor(color)
-            body.set_alpha(0.45)
-        for key in ("cmedians", "cmins", "cmaxes", "cbars"):
-            if key in parts:
-                parts[key].set_color(color)
-        ax.plot([], [], color=color, lw=6, alpha=0.45, label=f"{name} labels")
+            body.set_alpha(0.5)
+        parts["cmedians"].set_color(color)
+        ax.plot([], [], color=color, lw=6, alpha=0.5, label=f"{name} labels")
     ax.axhline(0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("LAI score (1st-99th percentile)")
+    ax.set_ylabel("LAI score / that epoch's std (1st-99th pct.)")
     ax.set_title("A  score distribution per epoch")
-    ax.legend(loc="best", fontsize=8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(loc="lower left", fontsize=8)
 
     # B: inclusion heat-map for a random subset of samples, noisy ones at the bottom
     ax = fig.add_subplot(gs[1])
@@ -100,6 +107,7 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
         ax.text(len(epochs) + 0.4, n_clean + 2, "noisy labels below", color="tab:red",
                 fontsize=8, ha="right", va="top")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(f"{len(cols)} random training samples")
     ax.set_title("B  inclusion (blue = kept in its batch)")
 
@@ -111,7 +119,9 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
     ax.axhline(0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("LAI score")
-    ax.set_title("C  three samples across epochs")
+    ax.set_yscale("symlog", linthresh=float(np.nanmedian(np.abs(values))) or 1.0)
+    ax.set_title("C  three samples across epochs (symlog)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="best")
 
     summary_path = Path(run_dir) / "summary.json"
