@@ -106,6 +106,15 @@ def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if acc is None else acc + term
 
 
+def _add_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` for ``a [..., D]``, ``b [D, K]``: in place, one fused kernel (the
+    accumulators belong to the capture alone and carry no autograd graph)."""
+    if acc is None:
+        return a @ b
+    acc.view(-1, acc.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b)
+    return acc
+
+
 class LAIEstimator(OnlineEstimator):
     """Online LAI (``layers="all"``), LLI (``layers="lli"``) or the paper code's layer set
     (``layers="code"``).
@@ -217,7 +226,7 @@ class LAIEstimator(OnlineEstimator):
             phi = phi.view(b, shape[0], -1)
             if self.folded:
                 m = self.M[key]
-                cap.acc_tok = _add(cap.acc_tok, phi.to(m.dtype) @ m.T)  # [B, T, K]
+                cap.acc_tok = _add_mm(cap.acc_tok, phi.to(m.dtype), m.T)  # [B, T, K]
             else:
                 pv = self.phi_v[key]
                 cap.acc_tok = _add(cap.acc_tok, torch.einsum("btd,zsd->bzts", phi.to(pv.dtype),
@@ -225,7 +234,7 @@ class LAIEstimator(OnlineEstimator):
             return
         phi = align_rows(phi, shape, self.shapes[key])
         src = self.M[key] if self.folded else self.phi_v[key]
-        cap.acc_flat = _add(cap.acc_flat, phi.to(src.dtype) @ src.T)
+        cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
 
     @contextmanager
     def capture(self, model: nn.Module, batch: Batch) -> Iterator[_ScoreCapture]:
@@ -276,9 +285,12 @@ class LAIEstimator(OnlineEstimator):
             v = self.pairwise(capture).sum(1)
             return v if v.dtype == torch.float64 else v.float()
         g = self._train_gradient(capture)
-        v = g.new_zeros(g.shape[0])
+        v = None
         if capture.acc_tok is not None:
-            v = v + (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
+            v = (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
         if capture.acc_flat is not None:
-            v = v + (self._flat_gradient(g).to(capture.acc_flat.dtype) * capture.acc_flat).sum(1)
+            v = _add(v, (self._flat_gradient(g).to(capture.acc_flat.dtype)
+                         * capture.acc_flat).sum(1))
+        if v is None:
+            v = g.new_zeros(g.shape[0])
         return v if v.dtype == torch.float64 else v.float()
