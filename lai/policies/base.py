@@ -32,7 +32,7 @@ class Policy(ABC):
     # Whether a batch can end with every weight 0. The trainer skips the optimizer step then,
     # which needs the count on the host (one sync per step); a policy that can never drop a
     # whole batch says False and its steps run without any host sync.
-    may_drop_all: ClassVar[bool] = True
+    may_drop_all: bool = True  # class default; a policy may set it per instance
 
     def __init__(self, start_epoch: int = 0):
         if isinstance(start_epoch, float) and not float(start_epoch).is_integer():

@@ -273,3 +273,9 @@ def test_policies_that_never_drop_a_whole_batch(policy):
 def test_policies_that_may_drop_a_whole_batch_say_so(policy):
     assert policy.may_drop_all and policy.fixed_kept(8) is None
     assert not (policy.select(torch.full((8,), -5.0), 0, 0) > 0).any()
+
+
+def test_threshold_minus_infinity_keeps_everything_without_a_count():
+    p = ThresholdPolicy(-math.inf)
+    assert not p.may_drop_all and p.fixed_kept(5) == 5
+    assert p.select(torch.tensor([-1e30, 0.0, 3.0]), 0, 0).tolist() == [1, 1, 1]
