@@ -269,8 +269,13 @@ class LAIEstimator(OnlineEstimator):
         out = g.new_zeros(g.shape[0], self.n_val)
         gv = self.g_v
         if capture.acc_tok is not None:
-            out = out + torch.einsum("bzts,btk,zsk->bz", capture.acc_tok,
-                                     g.to(capture.acc_tok.dtype), gv.to(capture.acc_tok.dtype))
+            acc = capture.acc_tok  # [B, |V|, T, S]
+            b, z, t, s = acc.shape
+            # <G_{j,t}, G_{z,s}> for every (t, s) first: [B, T, |V|, S], the size of acc.
+            # (A three-operand einsum contracts acc with g first and materialises
+            # [B, |V|, S, K] twice: 3.3 GB for GPT-Neo's vocabulary at B = |V| = 8.)
+            gg = (g.to(acc.dtype).reshape(b * t, -1) @ gv.to(acc.dtype).reshape(z * s, -1).T)
+            out = out + torch.einsum("bzts,btzs->bz", acc, gg.view(b, t, z, s))
         if capture.acc_flat is not None:
             acc = capture.acc_flat
             out = out + acc * (self._flat_gradient(g).to(acc.dtype)
