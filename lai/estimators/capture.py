@@ -7,7 +7,7 @@ dropped at once: nothing per-layer is kept alive beyond what autograd keeps anyw
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -17,6 +17,16 @@ from lai.batching import logits_of
 
 LayerKey = tuple  # (module name, call index within one forward)
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+
+
+def fp32_math(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast switched off for ``x``'s device type if it is on (else a no-op context): the
+    estimators' arithmetic inside a forward hook must not be cast down to bf16 (the layer
+    inputs themselves are what the autocast forward made them)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return nullcontext()
 
 
 def output_layer_name(model: nn.Module) -> str:
@@ -118,7 +128,7 @@ class LayerTap:
             x = args[0] if args else next(iter(kwargs.values()))
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
-            with torch.no_grad():
+            with torch.no_grad(), fp32_math(x):
                 phi = flatten_rows(x.detach(), self.mask, token_layer)
                 self.on_input((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
 

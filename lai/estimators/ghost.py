@@ -21,7 +21,7 @@ and ``v_j`` is the derivative in that context; in eval mode it is the textbook p
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -38,16 +38,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 512
+def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 512,
+                        forward_context: Callable[[], AbstractContextManager] = nullcontext
                         ) -> list[torch.Tensor]:
     """``g_V = sum_z grad ell_z`` for every trainable parameter (same order as
-    :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored."""
+    :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored.
+    ``forward_context`` wraps the forwards only (e.g. bf16 autocast); the loss is fp32."""
     params = trainable_parameters(model)
     total = [torch.zeros_like(p) for p in params]
     with preserved_buffers(model), torch.enable_grad():
         for start in range(0, len(val_batch), chunk_size):
             chunk = val_batch.select(torch.arange(start, min(len(val_batch), start + chunk_size)))
-            loss = per_sample_loss(forward_logits(model, chunk.inputs), chunk.labels).sum()
+            with forward_context():
+                logits = forward_logits(model, chunk.inputs)
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()
+            loss = per_sample_loss(logits, chunk.labels).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for acc, g in zip(total, grads):
                 if g is not None:
@@ -123,7 +129,7 @@ class GhostEstimator(OnlineEstimator):
     @torch.no_grad()
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         params = trainable_parameters(model)
-        g_v = validation_gradient(model, val_batch, self.chunk_size)
+        g_v = validation_gradient(model, val_batch, self.chunk_size, self.forward_context)
         if self.direction is not None:
             g_v = self.direction(g_v)
         self._tangents = {id(p): g for p, g in zip(params, g_v)}

@@ -185,7 +185,7 @@ class LAIEstimator(OnlineEstimator):
             for start in range(0, n, self.chunk_size):
                 chunk = val_batch.select(torch.arange(start, min(n, start + self.chunk_size)))
                 with LayerTap(model, self._names, keep, chunk.attention_mask,
-                              self._out_name) as tap:
+                              self._out_name) as tap, self.forward_context():
                     forward_logits(model, chunk.inputs)
                 grads.append(output_layer_gradient(tap, chunk.labels))
         g_v = torch.cat(grads)  # [n, T_out, K]
