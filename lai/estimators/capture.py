@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lai.batching import logits_of
+from lai.batching import Batch, logits_of
 
 LayerKey = tuple  # (module name, call index within one forward)
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
@@ -159,6 +159,17 @@ class LayerTap:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def chunks(batch: Batch, size: int) -> Iterator[Batch]:
+    """``batch`` in consecutive sub-batches of at most ``size`` rows (itself, uncopied, when
+    it fits in one)."""
+    n = len(batch)
+    if n <= size:
+        yield batch
+        return
+    for start in range(0, n, size):
+        yield batch.select(torch.arange(start, min(n, start + size)))
 
 
 def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
-from lai.estimators.capture import preserved_buffers
+from lai.estimators.capture import chunks, preserved_buffers
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -45,20 +45,19 @@ def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 51
     :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored.
     ``forward_context`` wraps the forwards only (e.g. bf16 autocast); the loss is fp32."""
     params = trainable_parameters(model)
-    total = [torch.zeros_like(p) for p in params]
+    total: list[torch.Tensor | None] = [None] * len(params)
     with preserved_buffers(model), torch.enable_grad():
-        for start in range(0, len(val_batch), chunk_size):
-            chunk = val_batch.select(torch.arange(start, min(len(val_batch), start + chunk_size)))
+        for chunk in chunks(val_batch, chunk_size):
             with forward_context():
                 logits = forward_logits(model, chunk.inputs)
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()
             loss = per_sample_loss(logits, chunk.labels).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(total, grads):
-                if g is not None:
-                    acc.add_(g)
-    return total
+            for i, g in enumerate(grads):
+                if g is not None:  # the first chunk's gradient is the sum so far: no copy
+                    total[i] = g if total[i] is None else total[i].add_(g)
+    return [torch.zeros_like(p) if t is None else t for p, t in zip(params, total)]
 
 
 @contextmanager

@@ -48,8 +48,8 @@ from torch import nn
 
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.base import OnlineEstimator, output_gradient
-from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, output_layer_name,
-                                    preserved_buffers, select_layers)
+from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
+                                    output_layer_name, preserved_buffers, select_layers)
 
 
 def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.Tensor:
@@ -182,8 +182,7 @@ class LAIEstimator(OnlineEstimator):
             tokenish[key] = token
 
         with preserved_buffers(model):
-            for start in range(0, n, self.chunk_size):
-                chunk = val_batch.select(torch.arange(start, min(n, start + self.chunk_size)))
+            for chunk in chunks(val_batch, self.chunk_size):
                 with LayerTap(model, self._names, keep, chunk.attention_mask,
                               self._out_name) as tap, self.forward_context():
                     forward_logits(model, chunk.inputs)
