@@ -6,14 +6,15 @@ None of them changes what the estimators compute in fp32:
   under ``torch.autocast(bfloat16)``. Everything after a forward stays fp32: the per-sample
   losses (``per_sample_loss(logits.float())``), the output gradients, the validation cache and
   the values. The estimators' hook arithmetic inside a forward runs with autocast switched off
-  (:func:`fp32_math`), so only the layer inputs themselves carry bf16 rounding.
+  (``lai.estimators.capture.fp32_math``), so only the layer inputs carry bf16 rounding.
 - ``channels_last`` stores the model's 4-D weights and the image batches in NHWC order. It is a
   memory layout only: every tensor keeps its logical NCHW shape and values, so LAI's layer
   inputs flatten to the same rows.
 - ``compile`` wraps the model with ``torch.compile`` for the forwards that carry no estimator
-  hooks (vanilla steps, the second pass of ``two_pass``, evaluation). Forward hooks that run
-  Python callbacks and Ghost's dual parameters do not trace cleanly, so hooked forwards always
-  run the eager model (same parameters, same buffers).
+  hooks (vanilla steps, the second pass of ``two_pass``, evaluation). Hooked forwards (LAI's
+  layer taps, Ghost's dual parameters) run the eager model, which shares the parameters and
+  buffers: the hooks are set up anew for every forward and call back into Python, which a
+  compiled graph would have to re-trace or break on.
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-
-from lai.estimators.capture import fp32_math  # noqa: F401  (re-exported: hook arithmetic)
 
 ForwardContext = Callable[[], AbstractContextManager]
 
