@@ -1,6 +1,6 @@
 """Benchmark (not a test): the cost of online valuation relative to plain training.
 
-    make bench                       # or: python scripts/bench_online.py [--steps 8] [--device auto]
+    make bench                       # or: python scripts/bench_online.py [--steps 16] [--device auto]
 
 For each setup, the script builds a synthetic data bundle in memory and runs the library's
 own training step (``lai.train.loop.Trainer._step``: the code path real runs use, with its
@@ -224,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--setups", default="resnet18,bert,gpt_neo")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--block", type=int, default=4, help="steps between device syncs")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
