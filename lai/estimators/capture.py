@@ -144,13 +144,14 @@ class LayerTap:
             self._grad_mode = None
 
     def __enter__(self) -> "LayerTap":
-        modules = dict(self.model.named_modules())
+        # get_submodule walks each dotted name: cheaper, per forward, than listing them all
         for n in self.names:
-            self._handles.append(modules[n].register_forward_pre_hook(
-                self._hook(n, modules[n]), with_kwargs=True))
+            module = self.model.get_submodule(n)
+            self._handles.append(module.register_forward_pre_hook(
+                self._hook(n, module), with_kwargs=True))
         if self.output_layer is not None:
-            self._handles.append(modules[self.output_layer].register_forward_hook(
-                self._keep_output))
+            self._handles.append(self.model.get_submodule(self.output_layer)
+                                 .register_forward_hook(self._keep_output))
         self._handles.append(self.model.register_forward_hook(self._keep_logits))
         return self
 
