@@ -82,6 +82,15 @@ def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool) 
     return x.reshape(x.shape[0], -1)
 
 
+def _version_of(x: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change); None where untracked
+    (inference-mode tensors)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 class LayerTap:
     """Context manager: while active, every call of a named module calls
     ``on_input(key, phi, shape, token)`` with ``phi [B, D]`` (flattened, masked), the
@@ -89,6 +98,10 @@ class LayerTap:
     to a ``[B, T, ...]`` sequence; the model's logits are kept in ``self.logits``.
 
     ``key = (module name, call index)`` separates repeated calls of a shared module.
+
+    A layer fed the very same tensor as the previously tapped layer (same object, unchanged
+    since: e.g. the query, key and value projections of an attention block) gets the same
+    ``phi`` object, flattened once; a callback may test ``phi is previous_phi`` to share work.
 
     With ``output_layer``, that module's output ``s^(L)`` is kept in ``self.output`` so that
     ``d ell / d s^(L)`` can be taken by autograd. Under ``no_grad`` the output is replaced by a
@@ -109,6 +122,7 @@ class LayerTap:
         self._grad_mode: bool | None = None
         self._calls: dict[str, int] = {}
         self._handles: list = []
+        self._last: tuple | None = None  # (input, its version, token_layer, phi)
 
     def _keep_output(self, mod: nn.Module, args: tuple, output: torch.Tensor):
         if torch.is_grad_enabled():
@@ -128,14 +142,24 @@ class LayerTap:
             x = args[0] if args else next(iter(kwargs.values()))
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
+            version = _version_of(x)
+            last = self._last
             with torch.no_grad(), fp32_math(x):
-                phi = flatten_rows(x.detach(), self.mask, token_layer)
+                if (last is not None and last[0] is x and version is not None
+                        and last[1] == version and last[2] == token_layer):
+                    phi = last[3]  # the same input as the previous tapped layer: same rows
+                else:
+                    phi = flatten_rows(x.detach(), self.mask, token_layer)
+                    # x is held until the next tapped layer, so `is` cannot match a new
+                    # tensor that reuses its memory
+                    self._last = (x, version, token_layer, phi)
                 self.on_input((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
 
         return hook
 
     def _keep_logits(self, mod: nn.Module, args: tuple, output) -> None:
         self.logits = logits_of(output)
+        self._last = None
         self._restore_grad_mode()
 
     def _restore_grad_mode(self) -> None:
@@ -156,6 +180,7 @@ class LayerTap:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._last = None
         self._restore_grad_mode()  # if the forward raised before the model hook ran
         for h in self._handles:
             h.remove()

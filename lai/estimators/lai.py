@@ -96,6 +96,7 @@ class _ScoreCapture:
         self.acc_tok: torch.Tensor | None = None   # folded [B,T,K] | pairwise [B,|V|,T,T']
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
+        self.last_term: tuple | None = None  # pairwise token term of the last layer
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -191,7 +192,12 @@ class LAIEstimator(OnlineEstimator):
         t_out, k = g_v.shape[1], g_v.shape[2]
         self.token = {key: tokenish[key] and t_out > 1 and self.shapes[key][0] == t_out
                       for key in feats}
-        phis = {key: torch.cat(parts) for key, parts in feats.items()}
+        # Layers that saw the very same inputs in every chunk (LayerTap hands them the same
+        # phi objects: q/k/v projections) have the same phi_v and M: one tensor for all.
+        first: dict[tuple, LayerKey] = {}
+        same_as = {key: first.setdefault((tuple(map(id, parts)), self.token[key]), key)
+                   for key, parts in feats.items()}
+        phis = {key: torch.cat(parts) for key, parts in feats.items() if same_as[key] == key}
         dims = {key: p.shape[1] // (t_out if self.token[key] else 1) for key, p in phis.items()}
         folded_size = sum(k * d if self.token[key] else t_out * k * d for key, d in dims.items())
         pairwise_size = n * (sum(p.shape[1] for p in phis.values()) + t_out * k)
@@ -207,20 +213,24 @@ class LAIEstimator(OnlineEstimator):
                 self.M[key] = torch.einsum("nsk,nsd->kd", g_v.to(phi.dtype), phi)
             else:
                 self.M[key] = g_v.reshape(n, -1).to(phi.dtype).T @ phi
+        for key, src in same_as.items():
+            if key != src:
+                (self.M if self.folded else self.phi_v)[key] = (
+                    self.M if self.folded else self.phi_v)[src]
 
     def cache_bytes(self) -> int:
-        """Bytes held by the validation cache."""
-        tensors = list(self.M.values()) + list(self.phi_v.values())
+        """Bytes held by the validation cache (a tensor shared by several layers once)."""
+        tensors = {id(t): t for t in list(self.M.values()) + list(self.phi_v.values())}
         if self.g_v is not None and not self.folded:
-            tensors.append(self.g_v)
-        return sum(t.numel() * t.element_size() for t in tensors)
+            tensors[id(self.g_v)] = self.g_v
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ---- scoring ----------------------------------------------------------------------
     def _accumulate(self, cap: _ScoreCapture, key: LayerKey, phi: torch.Tensor,
                     shape: torch.Size, token: bool) -> None:
         if key not in self.shapes:  # a layer (call) the validation forward never reached
             return
-        b = phi.shape[0]
+        phi_in, b = phi, phi.shape[0]
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
             if self.folded:
@@ -228,8 +238,13 @@ class LAIEstimator(OnlineEstimator):
                 cap.acc_tok = _add_mm(cap.acc_tok, phi.to(m.dtype), m.T)  # [B, T, K]
             else:
                 pv = self.phi_v[key]
-                cap.acc_tok = _add(cap.acc_tok, torch.einsum("btd,zsd->bzts", phi.to(pv.dtype),
-                                                             pv))
+                last = cap.last_term
+                if last is not None and last[0] is phi_in and last[1] is pv:
+                    term = last[2]  # same rows, same cache tensor (q/k/v): the same term
+                else:
+                    term = torch.einsum("btd,zsd->bzts", phi.to(pv.dtype), pv)
+                    cap.last_term = (phi_in, pv, term)
+                cap.acc_tok = _add(cap.acc_tok, term)
             return
         phi = align_rows(phi, shape, self.shapes[key])
         src = self.M[key] if self.folded else self.phi_v[key]
