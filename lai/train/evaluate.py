@@ -26,7 +26,8 @@ def evaluate(model: nn.Module, split: TensorSplit, data: DataBundle, device: tor
     """
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    # running sums stay on the device (float64 for the loss): read once, after the last batch
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     try:
         for start in range(0, len(split), batch_size):
             rows = torch.arange(start, min(len(split), start + batch_size))
@@ -36,18 +37,17 @@ def evaluate(model: nn.Module, split: TensorSplit, data: DataBundle, device: tor
                 logits = forward_logits(model, to_channels_last(inputs) if channels_last
                                         else inputs)
             logits = logits.float()
-            labels = batch.labels
-            if logits.dim() == 3:
-                flat, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-                keep = y != IGNORE_INDEX
-                flat, y = flat[keep], y[keep]
-            else:
-                flat, y = logits, labels
-            total_loss += float(nn.functional.cross_entropy(flat, y, reduction="sum"))
-            correct += int((flat.argmax(-1) == y).sum())
-            count += int(y.numel())
+            flat = logits.reshape(-1, logits.shape[-1])
+            y = batch.labels.reshape(-1)
+            valid = y != IGNORE_INDEX  # LM: padding and the last position
+            loss = nn.functional.cross_entropy(flat, y, ignore_index=IGNORE_INDEX,
+                                               reduction="sum")
+            correct = ((flat.argmax(-1) == y) & valid).sum()
+            sums += torch.stack([loss.double(), correct.double(), valid.sum().double()])
     finally:
         model.train(was_training)
+    total_loss, correct, count = sums.tolist()
+    correct, count = int(correct), int(count)
     loss = total_loss / max(1, count)
     out = {"loss": loss, "acc": correct / max(1, count), "n": count}
     if data.task == "lm":
