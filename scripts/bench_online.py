@@ -1,6 +1,6 @@
 """Benchmark (not a test): the cost of online valuation relative to plain training.
 
-    make bench                       # or: python scripts/bench_online.py [--steps 16] [--device auto]
+    make bench                 # or: python scripts/bench_online.py [--steps 16] [--device auto]
 
 For each setup, the script builds a synthetic data bundle in memory and runs the library's
 own training step (``lai.train.loop.Trainer._step``: the code path real runs use, with its
