@@ -70,16 +70,27 @@ def select_layers(model: nn.Module, layers: str | Sequence[str], output_layer: s
     raise ValueError(f"unknown layer set {layers!r}; use all | code | lli or a list of names")
 
 
-def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool) -> torch.Tensor:
+def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool,
+                 nhwc: bool = False) -> torch.Tensor:
     """``x [B, ...]`` -> ``[B, prod(...)]`` in float32 (float64 kept), padding positions zeroed.
 
-    ``mask [B, T]`` applies to token layers whose input is ``[B, T, ...]``.
+    ``mask [B, T]`` applies to token layers whose input is ``[B, T, ...]``. ``nhwc`` (4-D
+    ``x`` only): the row is ``x[b]`` in (H, W, C) order instead of (C, H, W), which is a view
+    of a channels-last tensor rather than a copy.
     """
     if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
+        x = x.float()  # keeps the memory format
+    if nhwc:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
     if token_layer and mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
         x = x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
     return x.reshape(x.shape[0], -1)
+
+
+def is_nhwc(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not NCHW-contiguous as well)."""
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _version_of(x: torch.Tensor) -> int | None:
@@ -103,6 +114,10 @@ class LayerTap:
     since: e.g. the query, key and value projections of an attention block) gets the same
     ``phi`` object, flattened once; a callback may test ``phi is previous_phi`` to share work.
 
+    With ``native_layout=True`` the callback takes a fifth argument ``nhwc``: a non-token
+    layer's channels-last 4-D input (a convolution's, under ``channels_last``) is then
+    flattened in (H, W, C) order, a view instead of a copy, and ``nhwc`` says so.
+
     With ``output_layer``, that module's output ``s^(L)`` is kept in ``self.output`` so that
     ``d ell / d s^(L)`` can be taken by autograd. Under ``no_grad`` the output is replaced by a
     detached leaf and grad mode is switched on for the (short) rest of the forward, so the
@@ -110,11 +125,13 @@ class LayerTap:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str],
-                 on_input: Callable[[LayerKey, torch.Tensor, torch.Size, bool], None],
-                 attention_mask: torch.Tensor | None = None, output_layer: str | None = None):
+                 on_input: Callable[..., None],
+                 attention_mask: torch.Tensor | None = None, output_layer: str | None = None,
+                 native_layout: bool = False):
         self.model = model
         self.names = list(names)
         self.on_input = on_input
+        self.native_layout = native_layout
         self.mask = attention_mask
         self.output_layer = output_layer
         self.logits: torch.Tensor | None = None
@@ -144,16 +161,18 @@ class LayerTap:
             self._calls[name] = k + 1
             version = _version_of(x)
             last = self._last
+            nhwc = self.native_layout and not token_layer and is_nhwc(x)
             with torch.no_grad(), fp32_math(x):
                 if (last is not None and last[0] is x and version is not None
-                        and last[1] == version and last[2] == token_layer):
+                        and last[1] == version and last[2] == (token_layer, nhwc)):
                     phi = last[3]  # the same input as the previous tapped layer: same rows
                 else:
-                    phi = flatten_rows(x.detach(), self.mask, token_layer)
+                    phi = flatten_rows(x.detach(), self.mask, token_layer, nhwc)
                     # x is held until the next tapped layer, so `is` cannot match a new
                     # tensor that reuses its memory
-                    self._last = (x, version, token_layer, phi)
-                self.on_input((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
+                    self._last = (x, version, (token_layer, nhwc), phi)
+                args = ((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
+                self.on_input(*args, nhwc) if self.native_layout else self.on_input(*args)
 
         return hook
 

@@ -148,6 +148,7 @@ class LAIEstimator(OnlineEstimator):
         self.M: dict[LayerKey, torch.Tensor] = {}      # folded
         self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise
         self.g_v: torch.Tensor | None = None           # [|V|, T_out, K]
+        self._nhwc: dict[int, torch.Tensor] = {}
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
@@ -204,6 +205,7 @@ class LAIEstimator(OnlineEstimator):
         self.folded = self.cache_mode == "folded" or (
             self.cache_mode == "auto" and folded_size <= pairwise_size)
         self.n_val, self.g_v, self.M, self.phi_v = n, g_v, {}, {}
+        self._nhwc = {}  # id(cache entry) -> the entry in (H, W, C) row order
         for key, phi in phis.items():
             if self.token[key]:
                 phi = phi.view(n, t_out, -1)
@@ -226,10 +228,29 @@ class LAIEstimator(OnlineEstimator):
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ---- scoring ----------------------------------------------------------------------
+    def _nhwc_source(self, src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``src [R, C*H*W]`` (a cache entry, rows in (C, H, W) order) re-laid in (H, W, C)
+        order, once per refresh: matches the rows of a channels-last input without copying
+        them at every step."""
+        out = self._nhwc.get(id(src))
+        if out is None:
+            c, h, w = shape
+            out = src.view(src.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(src.shape[0], -1)
+            self._nhwc[id(src)] = out
+        return out
+
     def _accumulate(self, cap: _ScoreCapture, key: LayerKey, phi: torch.Tensor,
-                    shape: torch.Size, token: bool) -> None:
+                    shape: torch.Size, token: bool, nhwc: bool = False) -> None:
         if key not in self.shapes:  # a layer (call) the validation forward never reached
             return
+        if nhwc:
+            src = self.M[key] if self.folded else self.phi_v[key]
+            if tuple(shape) == tuple(self.shapes[key]):
+                src = self._nhwc_source(src, shape)
+                cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
+                return
+            c, h, w = shape  # cannot be aligned in that order: back to (C, H, W) rows
+            phi = phi.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(phi.shape[0], -1)
         phi_in, b = phi, phi.shape[0]
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
@@ -256,7 +277,7 @@ class LAIEstimator(OnlineEstimator):
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         cap = _ScoreCapture(batch.labels)
         with LayerTap(model, self._names, lambda *a: self._accumulate(cap, *a),
-                      batch.attention_mask, self._out_name) as tap:
+                      batch.attention_mask, self._out_name, native_layout=True) as tap:
             cap.tap = tap
             yield cap
 

@@ -185,6 +185,21 @@ def test_channels_last_trainer_converts_model_and_batches():
     assert not auto.channels_last
 
 
+def test_lai_reads_channels_last_layer_inputs_without_copying_them():
+    """Conv inputs are flattened in (H, W, C) order (views); the cache is re-laid once."""
+    copies = {}
+    for est in ("vanilla", "lai"):
+        tr = cifar_trainer(est, "percentile", channels_last=True)
+        if est == "lai":
+            tr._refresh()
+        batch = tr.data.train.gather(torch.arange(16))
+        tr._step(batch, 0, 0)
+        with DeviceWork(trace=True) as work:
+            tr._step(batch, 0, 1)
+        copies[est] = work.trace["clone"] + work.trace["copy_"] + work.trace["_to_copy"]
+    assert copies["lai"] <= copies["vanilla"] + 1  # + the policy's mask cast, at most
+
+
 # ---- compile ------------------------------------------------------------------------------
 def test_compile_runs_the_hook_free_forwards_compiled(tiny_overrides, monkeypatch):
     """torch.compile (dynamo with the eager backend here, to keep the test fast) for the
