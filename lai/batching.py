@@ -55,6 +55,18 @@ class Batch:
 
         return Batch(move(self.inputs), move(self.labels), move(self.idx))
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked host memory, so that ``to(cuda, non_blocking=True)``
+        is truly asynchronous (a copy from pageable memory may wait for the device)."""
+        def pin(x: Any) -> Any:
+            if torch.is_tensor(x):
+                return x.pin_memory() if x.device.type == "cpu" else x
+            if isinstance(x, Mapping):
+                return {k: pin(v) for k, v in x.items()}
+            return x
+
+        return Batch(pin(self.inputs), pin(self.labels), pin(self.idx))
+
     def select(self, rows: torch.Tensor) -> "Batch":
         """The sub-batch of the given rows (a bool mask ``[B]`` or index tensor)."""
 

@@ -123,6 +123,14 @@ class TrainerConfig:
     eval_at_steps: List[int] = field(default_factory=list)  # also evaluate after these steps
     num_workers: int = 0
     progress: bool = True
+    # speed (none of these changes what is computed in fp32; see lai/train/accel.py)
+    precision: str = "fp32"  # fp32 | bf16: forwards under torch.autocast(bfloat16); losses,
+    # values and the validation cache stay fp32
+    channels_last: Any = "auto"  # true | false | auto (= on for models with Conv2d on CUDA)
+    compile: bool = False  # torch.compile the forwards that carry no estimator hooks (vanilla
+    # steps, two_pass's second pass, evaluation); hooked forwards run the eager model
+    log_every: int = 50  # one "step" record line per this many steps; per-step statistics
+    # stay on the device in between (no host sync per step)
 
 
 @dataclass
@@ -178,6 +186,7 @@ _CHOICES = {
     "trainer.schedule": ("constant", "cosine", "linear"),
     "logger.name": ("jsonl", "wandb"),
     "dataset.val_source": ("holdout", "split"),
+    "trainer.precision": ("fp32", "bf16"),
 }
 
 
@@ -242,6 +251,7 @@ def validate(cfg: Any) -> None:
         (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
          "trainer.max_steps must be >= 1"),
         (cfg.trainer.warmup_steps >= 0, "trainer.warmup_steps must be >= 0"),
+        (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (all(int(s) >= 1 for s in cfg.trainer.eval_at_steps),
          "trainer.eval_at_steps must be steps >= 1"),
         (cfg.model.get("num_layers") is None or cfg.model.num_layers >= 1,
@@ -254,6 +264,9 @@ def validate(cfg: Any) -> None:
         (cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
          f"device={cfg.device!r} is not one of: auto, cpu, cuda, cuda:N"),
     ]
+    cl = cfg.trainer.channels_last
+    if not (isinstance(cl, bool) or cl == "auto"):
+        raise ConfigError(f"trainer.channels_last={cl!r} is not one of: true, false, auto")
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -1,6 +1,6 @@
 """Benchmark (not a test): the cost of online valuation relative to plain training.
 
-    make bench                       # or: python scripts/bench_online.py [--steps 8] [--device auto]
+    make bench                 # or: python scripts/bench_online.py [--steps 16] [--device auto]
 
 For each setup, the script builds a synthetic data bundle in memory and runs the library's
 own training step (``lai.train.loop.Trainer._step``: the code path real runs use, with its
@@ -27,7 +27,23 @@ Measured per method:
 
 Two more rows time a LAI step with filtering: ``lai+filter`` (one pass, keeping the top half
 of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring, then forward and backward
-on the kept half only).
+on the kept half only). ``ghost/2pass`` is Ghost with its forward-mode pass under no_grad
+(nothing of it is kept for the backward: the low-memory form), then a plain forward and
+backward of the whole batch.
+
+Speed settings (the Trainer's own options, recorded in the JSON): ``--precision`` (default
+``auto``: bf16 autocast on CUDA, fp32 on CPU), ``--channels-last`` (default ``auto``: on for
+the CNN on CUDA), ``--compile`` (torch.compile of the hook-free forwards; off by default).
+cuDNN autotuning is on for CUDA.
+
+Timing: steps run back to back and the device is synchronised only at the end of each block
+of ``--block`` steps (so a host sync *inside* a step shows up as lost overlap, as in real
+training); the step time is the median over blocks of block time / block. The pending
+per-step statistics are flushed at the end of every block, inside the timed region (real
+runs flush every ``trainer.log_every`` = 50 steps, so this overstates that cost). Each row
+also records ``ops`` (aten kernels dispatched by one step, a launch-overhead proxy that does
+not depend on the machine's load) and ``syncs`` (host synchronisations in one step), both
+counted by ``lai.train.syncs.DeviceWork``.
 
 Results go to ``results/bench/online_<device>.json``, with the device name and library
 versions. The last lines printed compare the measurements with issue 6's targets.
@@ -42,7 +58,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,7 +69,7 @@ from lai.data.base import DataBundle, TensorSplit  # noqa: E402
 from lai.estimators.registry import build_estimator  # noqa: E402
 from lai.policies import build_policy  # noqa: E402
 from lai.train.loop import EpochStats, Trainer  # noqa: E402
-from lai.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from lai.train.syncs import DeviceWork  # noqa: E402
 
 TARGETS = {  # issue 6: (row, metric, bound)
     "LAI score-only step": ("lai", "time_ratio", 1.15),
@@ -63,6 +78,8 @@ TARGETS = {  # issue 6: (row, metric, bound)
     "Ghost step incl. its per-step refresh": ("ghost", "total_ratio", 1.5),
     "LAI peak memory": ("lai", "mem_ratio", 1.05),
     "Ghost peak memory": ("ghost", "mem_ratio", 1.3),
+    "Ghost peak memory (two-pass form)": ("ghost/2pass", "mem_ratio", 1.3),
+    "Ghost step incl. refresh (two-pass form)": ("ghost/2pass", "total_ratio", 1.5),
 }
 
 
@@ -134,40 +151,35 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_method(setup: str, method: str, device: torch.device, steps: int, warmup: int,
-                 batch: int | None) -> dict:
+                 batch: int | None, speed: dict, block: int = 4) -> dict:
     """Time the library's step for one method; returns its measurements."""
     torch.manual_seed(0)
     model, data, b, n_val = make_setup(setup, device.type == "cuda", batch)
     model = model.to(device)
-    if device.type == "cuda" and setup == "resnet18":
-        model = model.to(memory_format=torch.channels_last)
-    est_name = method.split("+")[0]
+    est_name = method.split("+")[0].split("/")[0]
     filtering = "+filter" in method
     two_pass = method.endswith("/2pass")
     tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
-                         strategy="two_pass" if two_pass else "one_pass")
+                         strategy="two_pass" if two_pass else "one_pass", **speed)
     ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
     est = build_estimator(est_name)
     policy = (build_policy("percentile", keep_fraction=0.5) if filtering
               else build_policy("threshold", threshold=-float("inf")))
     tr = Trainer(model, data, est, policy, tcfg, ecfg, device, _NullRecorder())
-    tr.opt = build_optimizer(model, tcfg)
-    tr.sched = build_scheduler(tr.opt, tcfg, 10_000)
-    tr._refresh_s = 0.0
-    n = len(data.train)
-    tr._epoch_values = np.full(n, np.nan, dtype=np.float32)
-    tr._epoch_kept = np.full(n, -1, dtype=np.int8)
+    tr.setup(10_000)
     scoring = est_name != "vanilla"
-    batches = [data.train.gather(torch.arange(i * b, (i + 1) * b)).to(device)
-               for i in range(n // b)]
+    batches = [tr._to_device(data.train.gather(torch.arange(i * b, (i + 1) * b)))
+               for i in range(len(data.train) // b)]
+    stats = EpochStats()
 
     def step(i: int) -> None:
-        tr._step(batches[i % len(batches)], 0, i, EpochStats())
+        tr._step(batches[i % len(batches)], 0, i)
 
     if scoring:
         tr._refresh()
     for i in range(warmup):
         step(i)
+    tr._flush(0, warmup, stats)
     refresh_ms = None
     if scoring:
         times = []
@@ -179,23 +191,29 @@ def bench_method(setup: str, method: str, device: torch.device, steps: int, warm
             times.append((time.perf_counter() - t0) * 1e3)
         refresh_ms = statistics.median(times)
     times = []
-    for i in range(steps):
+    for start in range(0, steps, block):
         _sync(device)
         t0 = time.perf_counter()
-        step(i)
+        for i in range(start, start + block):
+            step(i)
+        tr._flush(0, start + block, stats)
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((time.perf_counter() - t0) * 1e3 / block)
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step(0)
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-    with FlopCounterMode(display=False) as counter:
+    with DeviceWork() as work:
         step(1)
+    with FlopCounterMode(display=False) as counter:
+        step(2)
+    tr._flush(0, 0, stats)
     result = {"step_ms": statistics.median(times), "step_ms_all": times,
               "gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
-              "refresh_ms": refresh_ms, "batch": b, "n_val": n_val}
+              "refresh_ms": refresh_ms, "batch": b, "n_val": n_val,
+              "ops": work.ops, "syncs": dict(work.syncs)}
     del tr, model, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -206,33 +224,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--setups", default="resnet18,bert,gpt_neo")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--block", type=int, default=4, help="steps between device syncs")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
+    ap.add_argument("--methods", default="vanilla,lai,lli,ghost,ghost/2pass,lai+filter,"
+                                         "lai+filter/2pass")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    methods = ["vanilla", "lai", "lli", "ghost", "lai+filter", "lai+filter/2pass"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    speed = {"precision": (args.precision if args.precision != "auto" else
+                           ("bf16" if device.type == "cuda" else "fp32")),
+             "channels_last": {"auto": "auto", "true": True, "false": False}[args.channels_last],
+             "compile": bool(args.compile)}
+    methods = args.methods.split(",")
+    if methods[0] != "vanilla":
+        methods.insert(0, "vanilla")  # every ratio is to vanilla, measured in this process
+    steps = max(args.block, args.steps - args.steps % args.block)
     report = {"device": gpu_name or f"cpu ({platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} threads)",
               "torch": torch.__version__, "python": platform.python_version(),
-              "steps": args.steps, "warmup": args.warmup, "setups": {}}
+              "steps": steps, "block": args.block, "warmup": args.warmup,
+              "speed": {**speed, "cudnn_benchmark": device.type == "cuda"}, "setups": {}}
     try:
         import transformers
         report["transformers"] = transformers.__version__
     except ImportError:
         pass
-    print(f"device: {report['device']}  torch {torch.__version__}")
+    print(f"device: {report['device']}  torch {torch.__version__}  speed: {report['speed']}")
     header = ("| setup | method | step ms | ratio | GFLOP | GFLOP ratio | peak MiB | mem ratio "
-              "| refresh ms | refresh/step | step+refresh ratio |")
+              "| refresh ms | refresh/step | step+refresh ratio | ops | syncs |")
     print(header)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 13)
     for setup in args.setups.split(","):
         rows = {}
         for m in methods:
-            rows[m] = bench_method(setup, m, device, args.steps, args.warmup, args.batch)
+            rows[m] = bench_method(setup, m, device, steps, args.warmup, args.batch, speed,
+                                   args.block)
         base = rows["vanilla"]
         for m, r in rows.items():
             r["time_ratio"] = r["step_ms"] / base["step_ms"]
@@ -248,11 +284,13 @@ def main() -> None:
                   f"{r['gflop']:.2f} | {f(r['gflop_ratio'], '.2f')} | "
                   f"{f(r['peak_mem_mb'], '.0f')} | {f(r['mem_ratio'], '.2f')} | "
                   f"{f(r['refresh_ms'], '.1f')} | {f(r['refresh_over_step'], '.2f')} | "
-                  f"{r['total_ratio']:.2f} |")
+                  f"{r['total_ratio']:.2f} | {r['ops']} | {sum(r['syncs'].values())} |")
         report["setups"][setup] = rows
     print("\ntargets (issue 6):")
     for label, (row, metric, bound) in TARGETS.items():
         for setup, rows in report["setups"].items():
+            if row not in rows:
+                continue
             got = rows[row][metric]
             state = "n/a (not measured on CPU)" if got is None else (
                 f"{got:.2f} {'met' if got <= bound else 'MISSED'}")

@@ -124,12 +124,29 @@ def test_every_trainer_builds_optimizer_and_schedule(name):
     ("policy=spl", "estimator=spl and policy=spl go together"),
     ("estimator.precondition=adam trainer.optimizer=sgd", "needs trainer.optimizer=adam"),
     ("trainer.strategy=three_pass", "trainer.strategy"),
+    ("trainer.precision=fp16", "trainer.precision='fp16' is not one of: fp32, bf16"),
+    ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not one of"),
+    ("trainer.channels_last=1", "trainer.channels_last=1 is not one of"),
+    ("trainer.log_every=0", "trainer.log_every must be >= 1"),
 ])
 def test_bad_values_raise_one_line_config_errors(override, message):
     cfg = compose_cfg(*override.split())
     with pytest.raises(ConfigError, match=message) as e:
         validate(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_speed_options_compose():
+    cfg = compose_cfg("trainer.precision=bf16", "trainer.channels_last=true",
+                      "trainer.compile=true", "trainer.log_every=10")
+    validate(cfg)
+    assert (cfg.trainer.precision, cfg.trainer.channels_last, cfg.trainer.compile,
+            cfg.trainer.log_every) == ("bf16", True, True, 10)
+    defaults = compose_cfg().trainer
+    assert (defaults.precision, defaults.channels_last, defaults.compile,
+            defaults.log_every) == ("fp32", "auto", False, 50)
+    with pytest.raises(Exception, match="compile"):
+        compose_cfg("trainer.compile=sometimes")
 
 
 def test_unknown_keys_fail_at_composition():

@@ -112,12 +112,20 @@ class CifarPreprocess:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # one host-to-device copy per device, not two per batch
+        if device not in self._on:
+            self._on[device] = (self.mean.to(device), self.std.to(device))
+        return self._on[device]
 
     def __call__(self, inputs: torch.Tensor, train: bool) -> torch.Tensor:
         x = inputs.float() / 255.0 if inputs.dtype == torch.uint8 else inputs.float()
         if train and self.augment:
             x = random_crop_flip(x, padding=4)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self._stats(x.device)
+        return (x - mean) / std
 
     def __repr__(self) -> str:
         return f"CifarPreprocess(augment={self.augment})"

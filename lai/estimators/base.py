@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ class OnlineEstimator(ABC):
 
     name: str = "online"
     needs_validation: bool = True  # False: refresh() is never needed (e.g. SPL)
+    # zero-argument factory of the context around the estimator's *own* forwards (the
+    # validation-cache forward); the trainer sets bf16 autocast here with precision=bf16.
+    # Everything after a forward (gradients, cache, values) runs outside it, in fp32.
+    forward_context: Callable[[], AbstractContextManager] = nullcontext
 
     @abstractmethod
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:

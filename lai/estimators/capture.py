@@ -7,16 +7,26 @@ dropped at once: nothing per-layer is kept alive beyond what autograd keeps anyw
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from lai.batching import logits_of
+from lai.batching import Batch, logits_of
 
 LayerKey = tuple  # (module name, call index within one forward)
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+
+
+def fp32_math(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast switched off for ``x``'s device type if it is on (else a no-op context): the
+    estimators' arithmetic inside a forward hook must not be cast down to bf16 (the layer
+    inputs themselves are what the autocast forward made them)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return nullcontext()
 
 
 def output_layer_name(model: nn.Module) -> str:
@@ -60,16 +70,36 @@ def select_layers(model: nn.Module, layers: str | Sequence[str], output_layer: s
     raise ValueError(f"unknown layer set {layers!r}; use all | code | lli or a list of names")
 
 
-def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool) -> torch.Tensor:
+def flatten_rows(x: torch.Tensor, mask: torch.Tensor | None, token_layer: bool,
+                 nhwc: bool = False) -> torch.Tensor:
     """``x [B, ...]`` -> ``[B, prod(...)]`` in float32 (float64 kept), padding positions zeroed.
 
-    ``mask [B, T]`` applies to token layers whose input is ``[B, T, ...]``.
+    ``mask [B, T]`` applies to token layers whose input is ``[B, T, ...]``. ``nhwc`` (4-D
+    ``x`` only): the row is ``x[b]`` in (H, W, C) order instead of (C, H, W), which is a view
+    of a channels-last tensor rather than a copy.
     """
     if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
+        x = x.float()  # keeps the memory format
+    if nhwc:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
     if token_layer and mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
         x = x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
     return x.reshape(x.shape[0], -1)
+
+
+def is_nhwc(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not NCHW-contiguous as well)."""
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _version_of(x: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change); None where untracked
+    (inference-mode tensors)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 class LayerTap:
@@ -80,6 +110,14 @@ class LayerTap:
 
     ``key = (module name, call index)`` separates repeated calls of a shared module.
 
+    A layer fed the very same tensor as the previously tapped layer (same object, unchanged
+    since: e.g. the query, key and value projections of an attention block) gets the same
+    ``phi`` object, flattened once; a callback may test ``phi is previous_phi`` to share work.
+
+    With ``native_layout=True`` the callback takes a fifth argument ``nhwc``: a non-token
+    layer's channels-last 4-D input (a convolution's, under ``channels_last``) is then
+    flattened in (H, W, C) order, a view instead of a copy, and ``nhwc`` says so.
+
     With ``output_layer``, that module's output ``s^(L)`` is kept in ``self.output`` so that
     ``d ell / d s^(L)`` can be taken by autograd. Under ``no_grad`` the output is replaced by a
     detached leaf and grad mode is switched on for the (short) rest of the forward, so the
@@ -87,11 +125,13 @@ class LayerTap:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str],
-                 on_input: Callable[[LayerKey, torch.Tensor, torch.Size, bool], None],
-                 attention_mask: torch.Tensor | None = None, output_layer: str | None = None):
+                 on_input: Callable[..., None],
+                 attention_mask: torch.Tensor | None = None, output_layer: str | None = None,
+                 native_layout: bool = False):
         self.model = model
         self.names = list(names)
         self.on_input = on_input
+        self.native_layout = native_layout
         self.mask = attention_mask
         self.output_layer = output_layer
         self.logits: torch.Tensor | None = None
@@ -99,6 +139,7 @@ class LayerTap:
         self._grad_mode: bool | None = None
         self._calls: dict[str, int] = {}
         self._handles: list = []
+        self._last: tuple | None = None  # (input, its version, token_layer, phi)
 
     def _keep_output(self, mod: nn.Module, args: tuple, output: torch.Tensor):
         if torch.is_grad_enabled():
@@ -118,14 +159,26 @@ class LayerTap:
             x = args[0] if args else next(iter(kwargs.values()))
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
-            with torch.no_grad():
-                phi = flatten_rows(x.detach(), self.mask, token_layer)
-                self.on_input((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
+            version = _version_of(x)
+            last = self._last
+            nhwc = self.native_layout and not token_layer and is_nhwc(x)
+            with torch.no_grad(), fp32_math(x):
+                if (last is not None and last[0] is x and version is not None
+                        and last[1] == version and last[2] == (token_layer, nhwc)):
+                    phi = last[3]  # the same input as the previous tapped layer: same rows
+                else:
+                    phi = flatten_rows(x.detach(), self.mask, token_layer, nhwc)
+                    # x is held until the next tapped layer, so `is` cannot match a new
+                    # tensor that reuses its memory
+                    self._last = (x, version, (token_layer, nhwc), phi)
+                args = ((name, k), phi, x.shape[1:], token_layer and x.dim() >= 3)
+                self.on_input(*args, nhwc) if self.native_layout else self.on_input(*args)
 
         return hook
 
     def _keep_logits(self, mod: nn.Module, args: tuple, output) -> None:
         self.logits = logits_of(output)
+        self._last = None
         self._restore_grad_mode()
 
     def _restore_grad_mode(self) -> None:
@@ -134,31 +187,67 @@ class LayerTap:
             self._grad_mode = None
 
     def __enter__(self) -> "LayerTap":
-        modules = dict(self.model.named_modules())
+        # get_submodule walks each dotted name: cheaper, per forward, than listing them all
         for n in self.names:
-            self._handles.append(modules[n].register_forward_pre_hook(
-                self._hook(n, modules[n]), with_kwargs=True))
+            module = self.model.get_submodule(n)
+            self._handles.append(module.register_forward_pre_hook(
+                self._hook(n, module), with_kwargs=True))
         if self.output_layer is not None:
-            self._handles.append(modules[self.output_layer].register_forward_hook(
-                self._keep_output))
+            self._handles.append(self.model.get_submodule(self.output_layer)
+                                 .register_forward_hook(self._keep_output))
         self._handles.append(self.model.register_forward_hook(self._keep_logits))
         return self
 
     def __exit__(self, *exc) -> None:
+        self._last = None
         self._restore_grad_mode()  # if the forward raised before the model hook ran
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
 
+def chunks(batch: Batch, size: int) -> Iterator[Batch]:
+    """``batch`` in consecutive sub-batches of at most ``size`` rows (itself, uncopied, when
+    it fits in one)."""
+    n = len(batch)
+    if n <= size:
+        yield batch
+        return
+    for start in range(0, n, size):
+        yield batch.select(torch.arange(start, min(n, start + size)))
+
+
+def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers running torch's own forward and tracking running statistics."""
+    base = nn.modules.batchnorm._BatchNorm
+    return [m for m in model.modules()
+            if isinstance(m, base) and type(m).forward is base.forward
+            and m.track_running_stats and m.running_mean is not None]
+
+
 @contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (e.g. BatchNorm running statistics) on exit, so a forward in
-    train mode used only for scoring leaves the model exactly as it was."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Leave every buffer (e.g. BatchNorm running statistics) as it was on exit, so a forward
+    in train mode used only for scoring leaves the model exactly as it was.
+
+    BatchNorm layers are not copied: their statistics update is switched off instead
+    (``track_running_stats=False`` for the duration). In train mode torch's BatchNorm then
+    normalises with the batch statistics as before (bit for bit on CPU, tested) but neither
+    reads nor writes the buffers; in eval mode it reads the running statistics either way.
+    This saves two copies of every BN buffer per scoring forward (about 120 small kernels
+    for ResNet-18). Every other buffer is copied and restored.
+    """
+    frozen = _frozen_batchnorms(model)
+    skip = {id(b) for m in frozen
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None}
+    saved = [(b, b.detach().clone()) for b in model.buffers() if id(b) not in skip]
+    for m in frozen:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+        for m in frozen:
+            m.track_running_stats = True
+        if saved:
+            with torch.no_grad():
+                torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])

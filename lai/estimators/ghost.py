@@ -21,7 +21,7 @@ and ``v_j`` is the derivative in that context; in eval mode it is the textbook p
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 
 from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
-from lai.estimators.capture import preserved_buffers
+from lai.estimators.capture import chunks, preserved_buffers
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -38,21 +38,26 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 512
+def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 512,
+                        forward_context: Callable[[], AbstractContextManager] = nullcontext
                         ) -> list[torch.Tensor]:
     """``g_V = sum_z grad ell_z`` for every trainable parameter (same order as
-    :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored."""
+    :func:`trainable_parameters`); the model's mode is used as is, its buffers are restored.
+    ``forward_context`` wraps the forwards only (e.g. bf16 autocast); the loss is fp32."""
     params = trainable_parameters(model)
-    total = [torch.zeros_like(p) for p in params]
+    total: list[torch.Tensor | None] = [None] * len(params)
     with preserved_buffers(model), torch.enable_grad():
-        for start in range(0, len(val_batch), chunk_size):
-            chunk = val_batch.select(torch.arange(start, min(len(val_batch), start + chunk_size)))
-            loss = per_sample_loss(forward_logits(model, chunk.inputs), chunk.labels).sum()
+        for chunk in chunks(val_batch, chunk_size):
+            with forward_context():
+                logits = forward_logits(model, chunk.inputs)
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()
+            loss = per_sample_loss(logits, chunk.labels).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(total, grads):
-                if g is not None:
-                    acc.add_(g)
-    return total
+            for i, g in enumerate(grads):
+                if g is not None:  # the first chunk's gradient is the sum so far: no copy
+                    total[i] = g if total[i] is None else total[i].add_(g)
+    return [torch.zeros_like(p) if t is None else t for p, t in zip(params, total)]
 
 
 @contextmanager
@@ -123,7 +128,7 @@ class GhostEstimator(OnlineEstimator):
     @torch.no_grad()
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         params = trainable_parameters(model)
-        g_v = validation_gradient(model, val_batch, self.chunk_size)
+        g_v = validation_gradient(model, val_batch, self.chunk_size, self.forward_context)
         if self.direction is not None:
             g_v = self.direction(g_v)
         self._tangents = {id(p): g for p, g in zip(params, g_v)}

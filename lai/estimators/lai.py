@@ -48,8 +48,8 @@ from torch import nn
 
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.base import OnlineEstimator, output_gradient
-from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, output_layer_name,
-                                    preserved_buffers, select_layers)
+from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
+                                    output_layer_name, preserved_buffers, select_layers)
 
 
 def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.Tensor:
@@ -96,6 +96,7 @@ class _ScoreCapture:
         self.acc_tok: torch.Tensor | None = None   # folded [B,T,K] | pairwise [B,|V|,T,T']
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
+        self.last_term: tuple | None = None  # pairwise token term of the last layer
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -104,6 +105,15 @@ class _ScoreCapture:
 
 def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if acc is None else acc + term
+
+
+def _add_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` for ``a [..., D]``, ``b [D, K]``: in place, one fused kernel (the
+    accumulators belong to the capture alone and carry no autograd graph)."""
+    if acc is None:
+        return a @ b
+    acc.view(-1, acc.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b)
+    return acc
 
 
 class LAIEstimator(OnlineEstimator):
@@ -138,6 +148,7 @@ class LAIEstimator(OnlineEstimator):
         self.M: dict[LayerKey, torch.Tensor] = {}      # folded
         self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise
         self.g_v: torch.Tensor | None = None           # [|V|, T_out, K]
+        self._nhwc: dict[int, torch.Tensor] = {}
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
@@ -173,23 +184,28 @@ class LAIEstimator(OnlineEstimator):
             tokenish[key] = token
 
         with preserved_buffers(model):
-            for start in range(0, n, self.chunk_size):
-                chunk = val_batch.select(torch.arange(start, min(n, start + self.chunk_size)))
+            for chunk in chunks(val_batch, self.chunk_size):
                 with LayerTap(model, self._names, keep, chunk.attention_mask,
-                              self._out_name) as tap:
+                              self._out_name) as tap, self.forward_context():
                     forward_logits(model, chunk.inputs)
                 grads.append(output_layer_gradient(tap, chunk.labels))
         g_v = torch.cat(grads)  # [n, T_out, K]
         t_out, k = g_v.shape[1], g_v.shape[2]
         self.token = {key: tokenish[key] and t_out > 1 and self.shapes[key][0] == t_out
                       for key in feats}
-        phis = {key: torch.cat(parts) for key, parts in feats.items()}
+        # Layers that saw the very same inputs in every chunk (LayerTap hands them the same
+        # phi objects: q/k/v projections) have the same phi_v and M: one tensor for all.
+        first: dict[tuple, LayerKey] = {}
+        same_as = {key: first.setdefault((tuple(map(id, parts)), self.token[key]), key)
+                   for key, parts in feats.items()}
+        phis = {key: torch.cat(parts) for key, parts in feats.items() if same_as[key] == key}
         dims = {key: p.shape[1] // (t_out if self.token[key] else 1) for key, p in phis.items()}
         folded_size = sum(k * d if self.token[key] else t_out * k * d for key, d in dims.items())
         pairwise_size = n * (sum(p.shape[1] for p in phis.values()) + t_out * k)
         self.folded = self.cache_mode == "folded" or (
             self.cache_mode == "auto" and folded_size <= pairwise_size)
         self.n_val, self.g_v, self.M, self.phi_v = n, g_v, {}, {}
+        self._nhwc = {}  # id(cache entry) -> the entry in (H, W, C) row order
         for key, phi in phis.items():
             if self.token[key]:
                 phi = phi.view(n, t_out, -1)
@@ -199,33 +215,61 @@ class LAIEstimator(OnlineEstimator):
                 self.M[key] = torch.einsum("nsk,nsd->kd", g_v.to(phi.dtype), phi)
             else:
                 self.M[key] = g_v.reshape(n, -1).to(phi.dtype).T @ phi
+        for key, src in same_as.items():
+            if key != src:
+                (self.M if self.folded else self.phi_v)[key] = (
+                    self.M if self.folded else self.phi_v)[src]
 
     def cache_bytes(self) -> int:
-        """Bytes held by the validation cache."""
-        tensors = list(self.M.values()) + list(self.phi_v.values())
+        """Bytes held by the validation cache (a tensor shared by several layers once)."""
+        tensors = {id(t): t for t in list(self.M.values()) + list(self.phi_v.values())}
         if self.g_v is not None and not self.folded:
-            tensors.append(self.g_v)
-        return sum(t.numel() * t.element_size() for t in tensors)
+            tensors[id(self.g_v)] = self.g_v
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ---- scoring ----------------------------------------------------------------------
+    def _nhwc_source(self, src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``src [R, C*H*W]`` (a cache entry, rows in (C, H, W) order) re-laid in (H, W, C)
+        order, once per refresh: matches the rows of a channels-last input without copying
+        them at every step."""
+        out = self._nhwc.get(id(src))
+        if out is None:
+            c, h, w = shape
+            out = src.view(src.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(src.shape[0], -1)
+            self._nhwc[id(src)] = out
+        return out
+
     def _accumulate(self, cap: _ScoreCapture, key: LayerKey, phi: torch.Tensor,
-                    shape: torch.Size, token: bool) -> None:
+                    shape: torch.Size, token: bool, nhwc: bool = False) -> None:
         if key not in self.shapes:  # a layer (call) the validation forward never reached
             return
-        b = phi.shape[0]
+        if nhwc:
+            src = self.M[key] if self.folded else self.phi_v[key]
+            if tuple(shape) == tuple(self.shapes[key]):
+                src = self._nhwc_source(src, shape)
+                cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
+                return
+            c, h, w = shape  # cannot be aligned in that order: back to (C, H, W) rows
+            phi = phi.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(phi.shape[0], -1)
+        phi_in, b = phi, phi.shape[0]
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
             if self.folded:
                 m = self.M[key]
-                cap.acc_tok = _add(cap.acc_tok, phi.to(m.dtype) @ m.T)  # [B, T, K]
+                cap.acc_tok = _add_mm(cap.acc_tok, phi.to(m.dtype), m.T)  # [B, T, K]
             else:
                 pv = self.phi_v[key]
-                cap.acc_tok = _add(cap.acc_tok, torch.einsum("btd,zsd->bzts", phi.to(pv.dtype),
-                                                             pv))
+                last = cap.last_term
+                if last is not None and last[0] is phi_in and last[1] is pv:
+                    term = last[2]  # same rows, same cache tensor (q/k/v): the same term
+                else:
+                    term = torch.einsum("btd,zsd->bzts", phi.to(pv.dtype), pv)
+                    cap.last_term = (phi_in, pv, term)
+                cap.acc_tok = _add(cap.acc_tok, term)
             return
         phi = align_rows(phi, shape, self.shapes[key])
         src = self.M[key] if self.folded else self.phi_v[key]
-        cap.acc_flat = _add(cap.acc_flat, phi.to(src.dtype) @ src.T)
+        cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
 
     @contextmanager
     def capture(self, model: nn.Module, batch: Batch) -> Iterator[_ScoreCapture]:
@@ -233,7 +277,7 @@ class LAIEstimator(OnlineEstimator):
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         cap = _ScoreCapture(batch.labels)
         with LayerTap(model, self._names, lambda *a: self._accumulate(cap, *a),
-                      batch.attention_mask, self._out_name) as tap:
+                      batch.attention_mask, self._out_name, native_layout=True) as tap:
             cap.tap = tap
             yield cap
 
@@ -260,8 +304,13 @@ class LAIEstimator(OnlineEstimator):
         out = g.new_zeros(g.shape[0], self.n_val)
         gv = self.g_v
         if capture.acc_tok is not None:
-            out = out + torch.einsum("bzts,btk,zsk->bz", capture.acc_tok,
-                                     g.to(capture.acc_tok.dtype), gv.to(capture.acc_tok.dtype))
+            acc = capture.acc_tok  # [B, |V|, T, S]
+            b, z, t, s = acc.shape
+            # <G_{j,t}, G_{z,s}> for every (t, s) first: [B, T, |V|, S], the size of acc.
+            # (A three-operand einsum contracts acc with g first and materialises
+            # [B, |V|, S, K] twice: 3.3 GB for GPT-Neo's vocabulary at B = |V| = 8.)
+            gg = (g.to(acc.dtype).reshape(b * t, -1) @ gv.to(acc.dtype).reshape(z * s, -1).T)
+            out = out + torch.einsum("bzts,btzs->bz", acc, gg.view(b, t, z, s))
         if capture.acc_flat is not None:
             acc = capture.acc_flat
             out = out + acc * (self._flat_gradient(g).to(acc.dtype)
@@ -276,9 +325,12 @@ class LAIEstimator(OnlineEstimator):
             v = self.pairwise(capture).sum(1)
             return v if v.dtype == torch.float64 else v.float()
         g = self._train_gradient(capture)
-        v = g.new_zeros(g.shape[0])
+        v = None
         if capture.acc_tok is not None:
-            v = v + (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
+            v = (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
         if capture.acc_flat is not None:
-            v = v + (self._flat_gradient(g).to(capture.acc_flat.dtype) * capture.acc_flat).sum(1)
+            v = _add(v, (self._flat_gradient(g).to(capture.acc_flat.dtype)
+                         * capture.acc_flat).sum(1))
+        if v is None:
+            v = g.new_zeros(g.shape[0])
         return v if v.dtype == torch.float64 else v.float()

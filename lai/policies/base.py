@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,10 @@ class Policy(ABC):
 
     name: ClassVar[str] = ""
     params: ClassVar[Tuple[str, ...]] = ()
+    # Whether a batch can end with every weight 0. The trainer skips the optimizer step then,
+    # which needs the count on the host (one sync per step); a policy that can never drop a
+    # whole batch says False and its steps run without any host sync.
+    may_drop_all: bool = True  # class default; a policy may set it per instance
 
     def __init__(self, start_epoch: int = 0):
         if isinstance(start_epoch, float) and not float(start_epoch).is_integer():
@@ -50,6 +54,12 @@ class Policy(ABC):
         if values.numel() == 0:
             return torch.zeros(0, dtype=torch.float32, device=values.device)
         return self.weights(values, step, epoch).to(torch.float32)
+
+    def fixed_kept(self, batch_size: int) -> Optional[int]:
+        """How many samples of a ``batch_size`` batch get a nonzero weight, when that does not
+        depend on the values (``None`` otherwise). ``two_pass`` then picks the kept rows on
+        the device, without waiting for the count."""
+        return None
 
     @abstractmethod
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:

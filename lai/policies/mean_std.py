@@ -17,6 +17,7 @@ class MeanStdPolicy(Policy):
 
     name = "mean_std"
     params = ("k",)
+    may_drop_all = False  # the threshold is capped at the batch maximum
 
     def __init__(self, k: float = 1.0, start_epoch: int = 0):
         super().__init__(start_epoch)

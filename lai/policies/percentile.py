@@ -26,6 +26,7 @@ class PercentilePolicy(Policy):
 
     name = "percentile"
     params = ("keep_fraction",)
+    may_drop_all = False  # keeps ceil(q * B) >= 1
 
     def __init__(self, keep_fraction: float = 0.5, start_epoch: int = 0):
         super().__init__(start_epoch)
@@ -33,6 +34,9 @@ class PercentilePolicy(Policy):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"policy.keep_fraction must be in (0, 1], got {keep_fraction!r}")
         self.keep_fraction = q
+
+    def fixed_kept(self, batch_size: int) -> int:
+        return keep_count(self.keep_fraction, batch_size)
 
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         b = values.shape[0]

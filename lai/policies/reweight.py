@@ -21,6 +21,7 @@ class ReweightPolicy(Policy):
 
     name = "reweight"
     params = ("temperature",)
+    may_drop_all = False  # the largest softmax weight is >= 1/B: never all zero
     eps = 1e-12
 
     def __init__(self, temperature: float = 1.0, start_epoch: int = 0):

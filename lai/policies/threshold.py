@@ -22,6 +22,11 @@ class ThresholdPolicy(Policy):
             raise ValueError(f"policy.threshold must be a number, got {threshold!r}") from None
         if math.isnan(self.threshold):
             raise ValueError("policy.threshold must not be NaN")
+        # threshold -inf keeps every (finite) value: scoring only, nothing to wait for
+        self.may_drop_all = self.threshold > -math.inf
+
+    def fixed_kept(self, batch_size: int) -> int | None:
+        return None if self.may_drop_all else batch_size
 
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         return (values >= self.threshold).float()

@@ -13,14 +13,25 @@ Two execution strategies (``trainer.strategy``):
 
 Validation samples never share a train-mode forward with training samples: the cache is
 built from its own forward (in ``estimator.val_mode``, buffers restored).
+
+Host synchronisation: a step waits for the device only where a decision needs a number from
+it: whether anything was kept, for a policy that can drop a whole batch (the optimizer step is
+skipped then), and which rows ``two_pass`` keeps, for a policy whose kept count depends on the
+values. Everything that is only recorded (losses, kept counts, values, keep decisions) stays
+on the device and is read every ``trainer.log_every`` steps and at the end of each epoch,
+where one ``"step"`` record line sums up the steps since the last one.
+
+Speed options (``lai.train.accel``): ``precision=bf16`` autocasts the forwards,
+``channels_last`` lays image tensors out NHWC, ``compile`` compiles the hook-free forwards.
 """
 from __future__ import annotations
 
 import math
 import resource
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +44,8 @@ from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.estimators.capture import preserved_buffers
 from lai.policies.base import Policy
+from lai.train.accel import (autocast_context, compiled, to_channels_last,
+                             wants_channels_last)
 from lai.train.evaluate import evaluate
 from lai.train.noisy import detection_metrics
 from lai.train.optim import build_optimizer, build_scheduler
@@ -53,6 +66,66 @@ class EpochStats:
     kept: int = 0
     steps: int = 0
     skipped_steps: int = 0
+
+
+@dataclass
+class PendingSteps:
+    """What the steps since the last flush recorded, still on the device.
+
+    ``losses``/``kept``: one 0-d tensor per step (summed per-sample loss, kept count);
+    ``kept_host``: kept counts already known on the host; ``values``/``keep``/``idx``:
+    ``[B]`` tensors per scored step (``keep`` is None for an unscored step).
+    """
+
+    steps: int = 0
+    seen: int = 0
+    skipped: int = 0
+    kept_host: int = 0
+    losses: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    keep: list = field(default_factory=list)
+    idx: list = field(default_factory=list)
+    all_kept_idx: list = field(default_factory=list)  # unscored steps, when scores are saved
+
+
+class RegionTimer:
+    """Total time spent in :meth:`region` blocks, in seconds.
+
+    On CUDA it is the device time between two events recorded on the stream, so timing a
+    region costs no host sync; the events are read by :meth:`total` (which waits for them).
+    Elsewhere it is wall-clock time.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self._events: list = []
+
+    @contextmanager
+    def region(self) -> Iterator[None]:
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds += time.perf_counter() - t0
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        try:
+            yield
+        finally:
+            end.record(stream)
+            self._events.append((start, end))
+
+    def total(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1e3
+        self._events.clear()
+        return self.seconds
 
 
 class Trainer:
@@ -81,6 +154,30 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.checkpoint_epochs = checkpoint_epochs or set()
         self.checkpoints: list[dict] = []  # CPU state_dicts at the end of checkpoint_epochs
+        # speed options: all forwards (the estimator's own too) run in `self._autocast()`;
+        # forwards without estimator hooks run `self.fwd_model` (compiled when asked)
+        self._autocast = autocast_context(device, getattr(trainer_cfg, "precision", "fp32"))
+        self.est.forward_context = self._autocast
+        self.channels_last = wants_channels_last(getattr(trainer_cfg, "channels_last", "auto"),
+                                                 model, device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.fwd_model = compiled(self.model, bool(getattr(trainer_cfg, "compile", False)))
+        self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
+        self._pending = PendingSteps()
+        self._refresh_timer = RegionTimer(device)
+
+    # ---- inputs ----------------------------------------------------------------------
+    def _prepare(self, inputs: Any, train: bool) -> Any:
+        """Dataset preprocessing (on the device), then the memory layout the model wants."""
+        x = self.data.preprocess(inputs, train)
+        return to_channels_last(x) if self.channels_last else x
+
+    def _to_device(self, batch: Batch) -> Batch:
+        # pinned memory: the copy overlaps the previous step instead of waiting for it
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
     # ---- validation cache ------------------------------------------------------------
     def _val_batch(self) -> Batch:
@@ -89,20 +186,20 @@ class Trainer:
         if self.ecfg.val_max is not None:
             k = min(k, int(self.ecfg.val_max))
         rows = torch.randperm(n, generator=self.val_gen)[:k]
-        batch = self.data.val.gather(rows).to(self.device, non_blocking=True)
-        return Batch(self.data.preprocess(batch.inputs, False), batch.labels, batch.idx)
+        batch = self._to_device(self.data.val.gather(rows))
+        return Batch(self._prepare(batch.inputs, False), batch.labels, batch.idx)
 
-    def _refresh(self, batch: Batch | None = None) -> float:
-        """Rebuild the cache from ``batch`` (default: a fresh validation draw); seconds spent."""
-        t0 = time.perf_counter()
-        vb = batch if batch is not None else self._val_batch()
-        was_training = self.model.training
-        self.model.train(self.ecfg.val_mode == "train")
-        try:
-            self.est.refresh(self.model, vb)  # buffers (BN statistics) restored inside
-        finally:
-            self.model.train(was_training)
-        return time.perf_counter() - t0
+    def _refresh(self, batch: Batch | None = None) -> None:
+        """Rebuild the cache from ``batch`` (default: a fresh validation draw); the time spent
+        is added to ``self._refresh_timer`` (device time on CUDA, no host sync)."""
+        with self._refresh_timer.region():
+            vb = batch if batch is not None else self._val_batch()
+            was_training = self.model.training
+            self.model.train(self.ecfg.val_mode == "train")
+            try:
+                self.est.refresh(self.model, vb)  # buffers (BN statistics) restored inside
+            finally:
+                self.model.train(was_training)
 
     # ---- one step ----------------------------------------------------------------------
     def _score(self, batch: Batch, grad: bool):
@@ -110,62 +207,139 @@ class Trainer:
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx, (nullcontext() if grad else preserved_buffers(self.model)):
             with self.est.capture(self.model, batch) as cap:
-                logits = forward_logits(self.model, batch.inputs)
+                with self._autocast():
+                    logits = forward_logits(self.model, batch.inputs)
             return logits, self.est.score(cap)
 
-    def _update(self, losses: torch.Tensor, weights: torch.Tensor) -> None:
-        """Backward of the weighted mean of per-sample ``losses`` [B]; optimizer step."""
-        loss = (weights * losses).sum() / weights.sum()
+    def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
+        weights); optimizer step."""
+        loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
 
-    def _step(self, raw: Batch, epoch: int, step: int, stats: EpochStats) -> dict:
+    def _kept_rows(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the kept rows (``keep [B]`` bool) in increasing order; None = every row.
+
+        With a count fixed by the policy (e.g. percentile) they are found on the device: a
+        stable descending sort of the 0/1 mask puts the kept rows first, in order. Otherwise
+        ``nonzero`` waits for the device once: the count decides the shapes of the next pass.
+        """
+        b = keep.shape[0]
+        n = self.policy.fixed_kept(b)
+        if n is None:
+            rows = keep.nonzero().squeeze(1)
+            return None if rows.numel() == b else rows
+        if n >= b:
+            return None
+        return torch.sort(keep.to(torch.int8), descending=True, stable=True).indices[:n]
+
+    def _step(self, raw: Batch, epoch: int, step: int) -> None:
+        """One optimizer step on ``raw`` (on the device); what it records stays pending on the
+        device until :meth:`_flush`."""
         score_now = self.scoring and self.policy.active(epoch)
-        batch = Batch(self.data.preprocess(raw.inputs, True), raw.labels, raw.idx)
+        batch = Batch(self._prepare(raw.inputs, True), raw.labels, raw.idx)
         self.model.train()
-        values = None
+        values = weights = keep = None
         two_pass = score_now and self.cfg.strategy == "two_pass"
         if score_now and self.self_influence:
-            self._refresh_s += self._refresh(batch)
+            self._refresh(batch)
         if not score_now:
-            logits = forward_logits(self.model, batch.inputs)
+            with self._autocast():
+                logits = forward_logits(self.fwd_model, batch.inputs)
         else:
             logits, values = self._score(batch, grad=not two_pass)
         # computed once: it feeds the backward (one pass) and the record
         losses = per_sample_loss(logits.float(), batch.labels)
-        weights = (self.policy.select(values, step, epoch) if values is not None
-                   else torch.ones_like(losses))
-        keep = weights > 0
-        kept = int(keep.sum())  # one host sync: the skip decision and the record need it
-        if kept > 0:
-            if two_pass:  # forward + backward on the kept samples only
-                sub = batch.select(keep)
-                self._update(per_sample_loss(forward_logits(self.model, sub.inputs).float(),
-                                             sub.labels), weights[keep])
-            else:
-                self._update(losses, weights)
-        else:
-            stats.skipped_steps += 1
-        self.sched.step()
         b = len(batch)
-        loss_sum = float(losses.detach().sum())
-        stats.loss_sum += loss_sum
-        stats.seen += b
-        stats.kept += kept
-        stats.steps += 1
-        value_mean = None
+        p = self._pending
         if values is not None:
-            idx = raw.idx.cpu().numpy()
-            vals = values.detach().float().cpu().numpy()
-            self._epoch_values[idx] = vals
-            self._epoch_kept[idx] = keep.cpu().numpy()
-            value_mean = float(vals.mean())
+            weights = self.policy.select(values, step, epoch)
+            keep = weights > 0
+        if two_pass:  # forward + backward on the kept samples only
+            rows = self._kept_rows(keep)
+            sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
+            if len(sub) > 0:
+                with self._autocast():
+                    sub_logits = forward_logits(self.fwd_model, sub.inputs)
+                self._update(per_sample_loss(sub_logits.float(), sub.labels), w)
+            else:
+                p.skipped += 1
+            p.kept_host += len(sub)
+        elif weights is None:
+            self._update(losses, None)
+            p.kept_host += b
+        elif self.policy.may_drop_all:
+            kept = int(keep.sum())  # host sync: a batch with nothing kept skips the step
+            if kept > 0:
+                self._update(losses, weights)
+            else:
+                p.skipped += 1
+            p.kept_host += kept
+        else:
+            self._update(losses, weights)
+            p.kept.append(keep.sum())
+        self.sched.step()
+        p.steps += 1
+        p.seen += b
+        p.losses.append(losses.detach().sum())
+        if values is not None:
+            p.values.append(values.detach())
+            p.keep.append(keep)
+            p.idx.append(raw.idx)
         elif self.save_scores:
-            self._epoch_kept[raw.idx.cpu().numpy()] = 1
-        return {"loss": loss_sum / b, "kept": kept, "batch": b, "value_mean": value_mean}
+            p.all_kept_idx.append(raw.idx)
+
+    def _flush(self, epoch: int, step: int, stats: EpochStats, bar: Any = None) -> None:
+        """Read the pending per-step statistics (one wait for the device), add them to
+        ``stats`` and the epoch's score arrays, and write one ``"step"`` record line:
+        ``loss`` = mean per-sample loss, ``kept``/``batch`` = totals over its ``steps``."""
+        p = self._pending
+        if p.steps == 0:
+            return
+        self._pending = PendingSteps()
+        self._refresh_timer.total()  # read the finished refresh timings: keeps the list short
+        loss_sum = float(torch.stack(p.losses).double().sum())
+        kept = p.kept_host + (int(torch.stack(p.kept).sum()) if p.kept else 0)
+        value_mean = None
+        if p.values:
+            idx = torch.cat(p.idx).cpu().numpy()
+            vals = torch.cat(p.values).float().cpu().numpy()
+            self._epoch_values[idx] = vals
+            self._epoch_kept[idx] = torch.cat(p.keep).cpu().numpy()
+            value_mean = float(vals.mean())
+        if p.all_kept_idx:
+            self._epoch_kept[torch.cat(p.all_kept_idx).cpu().numpy()] = 1
+        stats.loss_sum += loss_sum
+        stats.seen += p.seen
+        stats.kept += kept
+        stats.steps += p.steps
+        stats.skipped_steps += p.skipped
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum / p.seen:.3f}", kept=f"{kept}/{p.seen}")
+        self.rec.log("step", step=step, epoch=epoch, lr=self.sched.get_last_lr()[0],
+                     steps=p.steps, loss=loss_sum / p.seen, kept=kept, batch=p.seen,
+                     skipped_steps=p.skipped, value_mean=value_mean)
+
+    # ---- set-up ----------------------------------------------------------------------
+    def setup(self, total_steps: int) -> None:
+        """Optimizer, schedule over ``total_steps``, empty records: what :meth:`_step` needs
+        (``fit`` calls it; so does the benchmark, which drives ``_step`` itself)."""
+        self.opt = build_optimizer(self.model, self.cfg)
+        if hasattr(self.est, "bind_optimizer"):
+            self.est.bind_optimizer(self.model, self.opt, self.ecfg.precondition)
+        self.sched = build_scheduler(self.opt, self.cfg, total_steps)
+        self._pending = PendingSteps()
+        self._refresh_timer = RegionTimer(self.device)
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        n_train = len(self.data.train)
+        self._epoch_values = np.full(n_train, np.nan, dtype=np.float32)
+        self._epoch_kept = np.full(n_train, -1, dtype=np.int8)
 
     # ---- the whole run -----------------------------------------------------------------
     def fit(self) -> dict:
@@ -175,20 +349,15 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, int(cfg.max_steps))
-        self.opt = build_optimizer(self.model, cfg)
-        if hasattr(self.est, "bind_optimizer"):
-            self.est.bind_optimizer(self.model, self.opt, self.ecfg.precondition)
-        self.sched = build_scheduler(self.opt, cfg, total)
+        self.setup(total)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
         history, samples_per_epoch, step = [], [], 0
-        self._refresh_s = 0.0
         periodic_refresh = (self.scoring and not self.self_influence
                             and getattr(self.est, "needs_validation", True))
         all_values, all_kept = [], []
         last_eval: dict = {}
-        n_train = len(self.data.train)
         self.checkpoints = []
         eval_at = {int(s) for s in cfg.eval_at_steps}
         step_evals: dict[str, dict] = {}
@@ -197,8 +366,7 @@ class Trainer:
             if step >= total:
                 break
             stats = EpochStats()
-            self._epoch_values = np.full(n_train, np.nan, dtype=np.float32)
-            self._epoch_kept = np.full(n_train, -1, dtype=np.int8)
+            self._new_epoch()
             order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows), generator=self.gen)]
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False, dynamic_ncols=True)
@@ -207,17 +375,17 @@ class Trainer:
                     break
                 if (periodic_refresh and self.policy.active(epoch)
                         and step % max(1, self.ecfg.refresh_every) == 0):
-                    self._refresh_s += self._refresh()
+                    self._refresh()
                 rows = order[i * bs:(i + 1) * bs]
-                batch = self.data.train.gather(rows).to(self.device, non_blocking=True)
-                out = self._step(batch, epoch, step, stats)
+                self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
                 step += 1
-                bar.set_postfix(loss=f"{out['loss']:.3f}", kept=f"{out['kept']}/{out['batch']}")
-                self.rec.log("step", step=step, epoch=epoch, lr=self.sched.get_last_lr()[0], **out)
+                if step % self.log_every == 0 or step in eval_at:
+                    self._flush(epoch, step, stats, bar)
                 if step in eval_at:  # e.g. Table 1's perplexity after 5,000 and 10,000 batches
                     step_evals[str(step)] = {"removed_so_far": removed + stats.seen - stats.kept,
                                              **self._evaluate()}
                     self.rec.log("step_eval", step=step, **step_evals[str(step)])
+            self._flush(epoch, step, stats, bar)
             bar.close()
             samples_per_epoch.append(stats.kept)
             removed += stats.seen - stats.kept
@@ -258,7 +426,7 @@ class Trainer:
             "samples_seen": seen, "samples_removed": removed,
             "history": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                         for r in history],
-            "wall_time_s": wall, "cache_refresh_s": self._refresh_s,
+            "wall_time_s": wall, "cache_refresh_s": self._refresh_timer.total(),
             "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         }
         if self.noisy is not None and all_values and np.isfinite(np.stack(all_values)).any():
@@ -277,6 +445,8 @@ class Trainer:
         out = {}
         ebs = self.cfg.eval_batch_size
         for split_name in ("val", "test"):
-            res = evaluate(self.model, getattr(self.data, split_name), self.data, self.device, ebs)
+            res = evaluate(self.fwd_model, getattr(self.data, split_name), self.data, self.device,
+                           ebs, forward_context=self._autocast,
+                           channels_last=self.channels_last)
             out.update({f"{split_name}_{k}": v for k, v in res.items() if k != "n"})
         return out

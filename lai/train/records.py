@@ -2,7 +2,11 @@
 
     <results_dir>/<dataset>/<estimator>/<YYYYmmdd-HHMMSS>-s<seed>-<6 hex>/
         config.yaml     resolved config (written before training starts)
-        metrics.jsonl   one JSON object per line: {"kind": "step"|"epoch"|..., ...}, flushed
+        metrics.jsonl   one JSON object per line: {"kind": "step"|"epoch"|..., ...}, flushed;
+                        a "step" line sums up the ``steps`` steps since the previous one
+                        (trainer.log_every, and the end of each epoch): ``step`` = the last
+                        of them, ``loss`` = mean per-sample loss, ``kept``/``batch`` =
+                        totals, ``value_mean`` = mean value (log_every=1: one per step)
         summary.json    final metrics; written at the end, and with status "failed" and the
                         error if the run crashes, so nothing already measured is lost
         scores/epoch_XXX.npz   optional per-sample values and keep decisions by dataset index

@@ -123,3 +123,46 @@ def test_operation_without_forward_ad_gives_a_clear_error():
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         value(Net(), (torch.randn(3, 4), torch.tensor([0, 1, 2])),
               (torch.randn(2, 4), torch.tensor([0, 1])), method="ghost")
+
+
+@pytest.mark.parametrize("method", ["ghost", "lai"])
+def test_validation_chunks_give_the_same_cache(method):
+    """A validation set refreshed in chunks (here of 2 rows) gives the values of one chunk."""
+    from lai.batching import as_batch
+    from lai.estimators.registry import build_estimator
+
+    model = CNN().eval()
+    tr = as_batch((torch.randn(5, 3, 10, 10), torch.randint(0, 4, (5,))))
+    va = as_batch((torch.randn(5, 3, 10, 10), torch.randint(0, 4, (5,))))
+    out = []
+    for chunk in (512, 2):
+        est = build_estimator(method, chunk_size=chunk)
+        est.refresh(model, va)
+        with est.capture(model, tr) as cap:
+            model(tr.inputs)
+        out.append(est.score(cap))
+    assert rel_err(out[1], out[0]) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["ghost", "lai"])
+def test_no_grad_scoring_forward_gives_the_training_forward_values(method):
+    """two_pass scores under no_grad (nothing kept for a backward: Ghost's low-memory form);
+    the values are those of the grad-mode training forward, BatchNorm in train mode too."""
+    from lai.batching import as_batch
+    from lai.estimators.capture import preserved_buffers
+    from lai.estimators.registry import build_estimator
+
+    model = CNN().train()
+    tr = as_batch((torch.randn(6, 3, 10, 10), torch.randint(0, 4, (6,))))
+    va = as_batch((torch.randn(4, 3, 10, 10), torch.randint(0, 4, (4,))))
+    est = build_estimator(method)
+    est.refresh(model, va)
+    with preserved_buffers(model):
+        with est.capture(model, tr) as cap:
+            model(tr.inputs)
+        v_grad = est.score(cap)
+    with torch.no_grad(), preserved_buffers(model):
+        with est.capture(model, tr) as cap:
+            model(tr.inputs)
+        v_nograd = est.score(cap)
+    assert rel_err(v_nograd, v_grad) < 1e-12

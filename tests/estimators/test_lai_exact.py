@@ -146,3 +146,21 @@ def test_unsupported_and_bad_inputs_fail_clearly():
         value(model, {"x": tr[0]}, va)
     with pytest.raises(ValueError, match="output_layer"):
         value(model, tr, va, method="lli", output_layer="missing")
+
+
+@pytest.mark.parametrize("cache", ["folded", "pairwise"])
+def test_layers_fed_the_same_tensor_share_one_cache_entry(cache):
+    """q, k and v read the same tensor: one phi_v / M for the three (values stay exact, see
+    test_lai_transformer_with_padding); cache_bytes counts it once."""
+    from lai.batching import as_batch
+    from lai.estimators.lai import LAIEstimator
+
+    model = PaddedTransformer()
+    est = LAIEstimator(cache=cache)
+    est.refresh(model, as_batch(token_batch(5, 12, 30, 3, seed=2)))
+    store = est.M if cache == "folded" else est.phi_v
+    assert store[("q", 0)] is store[("k", 0)] is store[("v", 0)]
+    assert store[("q", 0)] is not store[("o", 0)]
+    assert est.cache_bytes() == sum(t.numel() * t.element_size()
+                                    for t in {id(t): t for t in store.values()}.values()) + (
+        0 if cache == "folded" else est.g_v.numel() * est.g_v.element_size())

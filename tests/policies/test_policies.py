@@ -250,3 +250,32 @@ def test_build_policy_from_config_dataclass_overrides():
         build_policy_from_config(PolicyConfig(name="percentile", keep_fraction=2.0))
     with pytest.raises(ValueError, match="unknown policy"):
         build_policy_from_config(PolicyConfig(name="bogus"))
+
+
+# ---- what the trainer may assume without reading the weights back ------------------------
+@pytest.mark.parametrize("policy", [PercentilePolicy(0.3), PercentilePolicy(1.0),
+                                    MeanStdPolicy(0.0), MeanStdPolicy(2.0),
+                                    ReweightPolicy(0.5)])
+def test_policies_that_never_drop_a_whole_batch(policy):
+    assert not policy.may_drop_all
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 2, 7, 64):
+        for v in (torch.randn(b, generator=g), torch.full((b,), 3.0),
+                  torch.randn(b, generator=g) * 1e6):
+            w = policy.select(v, 0, 0)
+            assert (w > 0).any()
+            n = policy.fixed_kept(b)
+            if n is not None:  # the count the trainer relies on in two_pass
+                assert int((w > 0).sum()) == n
+
+
+@pytest.mark.parametrize("policy", [ThresholdPolicy(), SPLPolicy(spl_lambda=0.1)])
+def test_policies_that_may_drop_a_whole_batch_say_so(policy):
+    assert policy.may_drop_all and policy.fixed_kept(8) is None
+    assert not (policy.select(torch.full((8,), -5.0), 0, 0) > 0).any()
+
+
+def test_threshold_minus_infinity_keeps_everything_without_a_count():
+    p = ThresholdPolicy(-math.inf)
+    assert not p.may_drop_all and p.fixed_kept(5) == 5
+    assert p.select(torch.tensor([-1e30, 0.0, 3.0]), 0, 0).tolist() == [1, 1, 1]

@@ -34,14 +34,17 @@ def test_cifar_every_estimator_and_policy(est, policy, strategy, data_dir, tiny_
         assert s["samples_per_epoch"] == [32]  # top half of each batch of 32
 
 
-def test_one_pass_and_two_pass_train_identically(tiny_overrides):
+@pytest.mark.parametrize("policy", ["threshold", "percentile"])
+def test_one_pass_and_two_pass_train_identically(tiny_overrides, policy):
     """Same scores, same kept samples, same update: the weighted mean over kept samples of the
-    one-pass loss has the gradient of the two-pass loss over the kept subset."""
+    one-pass loss has the gradient of the two-pass loss over the kept subset. (threshold:
+    kept rows found by nonzero; percentile: by a sort on the device.)"""
     finals = []
     for strategy in ("one_pass", "two_pass"):
         torch.manual_seed(0)
         s = run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=2",
-                                       f"trainer.strategy={strategy}", *tiny_overrides))
+                                       f"policy={policy}", f"trainer.strategy={strategy}",
+                                       *tiny_overrides))
         finals.append(s)
     a, b = finals
     assert a["samples_per_epoch"] == b["samples_per_epoch"]
