@@ -52,13 +52,27 @@ def describe_model(model_cfg) -> str:
     return str(name)
 
 
+def latest_per_job(df: pd.DataFrame) -> pd.DataFrame:
+    """One record per (dataset, estimator, seed): a re-run of the same job (e.g. after the
+    committed records, or a failed try then a good one) replaces the older record. Completed
+    records win over failed ones; among equals the newest summary wins."""
+    if df.empty:
+        return df
+    key = [c for c in ("dataset", "estimator", "seed") if c in df]
+    mtime = df["run_dir"].map(lambda d: (Path(d) / "summary.json").stat().st_mtime)
+    order = df.assign(_ok=df["status"] == "completed", _t=mtime)
+    order = order.sort_values(["_ok", "_t"]).groupby(key, as_index=False).tail(1)
+    return order.drop(columns=["_ok", "_t"]).sort_index()
+
+
 def find_artifact_runs(results: Path, artifact: str) -> tuple[pd.DataFrame, str | None]:
-    """Completed runs of ``artifact`` and the scale they come from (None when there are none).
-    Failed runs are kept in the frame (``status`` != completed) so a table can show OOM."""
+    """Runs of ``artifact`` (the latest per job, see ``latest_per_job``) and the scale they
+    come from (None when there are none). Failed runs stay in the frame (``status`` !=
+    completed) so a table can show OOM."""
     for scale in SCALES:
         df = load_runs(Path(results) / scale / artifact)
         if len(df) and (df.get("status") == "completed").any():
-            return df, scale
+            return latest_per_job(df), scale
     return pd.DataFrame(), None
 
 

@@ -182,6 +182,8 @@ def table3(results: Path) -> tuple[Table, pd.DataFrame]:
              "numbers over those same datasets."]
     if missing:
         notes.append("Not run at this scale: " + ", ".join(missing) + " (see experiments/table3.yaml).")
+    notes.append("'-' in an ours column: no record for that cell (the reasons are in "
+                 "experiments/table3.yaml); 'OOM'/'failed': the run stopped, its record says why.")
     return Table("Table 3: test accuracy (%) under label noise", header, rows,
                  notes), _long(long)
 

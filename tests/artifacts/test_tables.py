@@ -165,3 +165,21 @@ def test_make_tables_on_the_committed_results_writes_all_16_files(tmp_path):
 
 def test_load_runs_of_an_empty_folder(tmp_path):
     assert load_runs(tmp_path).empty
+
+
+def test_a_rerun_replaces_the_older_record_of_the_same_job(tmp_path):
+    import os
+    import time as _time
+    old = fake_run(tmp_path, "table3", "emotion_n", "lai", 0, final_test_acc=0.2)
+    new = tmp_path / "reduced" / "table3" / "emotion_n" / "lai" / "y-s0"
+    shutil.copytree(old, new)
+    summary = json.loads((new / "summary.json").read_text())
+    (new / "summary.json").write_text(json.dumps({**summary, "final_test_acc": 0.6}))
+    past = _time.time() - 100
+    os.utime(old / "summary.json", (past, past))
+    failed = fake_run(tmp_path, "table3", "emotion_n", "lai", 1, status="failed", error="x")
+    failed.rename(failed.parent / "f-s1")  # a failed try, then a completed run of the job
+    fake_run(tmp_path, "table3", "emotion_n", "lai", 1, final_test_acc=0.4)
+    df, _ = find_artifact_runs(tmp_path, "table3")
+    got = sorted(zip(df["seed"], df["final_test_acc"], df["status"]))
+    assert got == [(0, 0.6, "completed"), (1, 0.4, "completed")]
