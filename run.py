@@ -13,7 +13,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lai.config import ConfigError, register_configs
-from lai.errors import MissingResourceError
+from lai.errors import MissingResourceError, TrainingDivergedError
+from lai.train.records import RunInUseError
 
 register_configs()
 
@@ -31,13 +32,15 @@ def main(cfg: DictConfig) -> dict | None:
 
     try:
         summary = run_experiment(cfg)
-    except (ConfigError, MissingResourceError, MemoryError) as e:
+    except (ConfigError, MissingResourceError, MemoryError, RunInUseError,
+            TrainingDivergedError) as e:
         # MemoryError: e.g. TRAK's up-front estimate; the run folder says "failed"
         kind = "out of memory: " if isinstance(e, MemoryError) else ""
         print(f"error: {kind}{e}", file=sys.stderr)
         if _in_sweep():  # one bad job must not end a sweep; its record says why
             return None
-        sys.exit(3 if isinstance(e, MemoryError) else 2)
+        sys.exit(3 if isinstance(e, MemoryError) else 4 if isinstance(e, TrainingDivergedError)
+                 else 2)
     except Exception as e:  # noqa: BLE001 - in a sweep, record and go on with the next job
         if not _in_sweep():
             raise

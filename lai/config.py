@@ -50,6 +50,7 @@ class ModelConfig:
     depth: int = 2  # small models: hidden layers / transformer blocks
     num_layers: Optional[int] = None  # pretrained BERT: keep only the first k encoder layers
     dropout: float = 0.0
+    num_classes: Optional[int] = None  # optional check: must equal the dataset's class count
 
 
 @dataclass
@@ -254,6 +255,8 @@ def validate(cfg: Any) -> None:
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (all(int(s) >= 1 for s in cfg.trainer.eval_at_steps),
          "trainer.eval_at_steps must be steps >= 1"),
+        (cfg.model.get("num_classes") is None or cfg.model.num_classes >= 1,
+         "model.num_classes must be >= 1"),
         (cfg.model.get("num_layers") is None or cfg.model.num_layers >= 1,
          "model.num_layers must be >= 1"),
         (len(cfg.trainer.betas) == 2, "trainer.betas must have two values"),

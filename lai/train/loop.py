@@ -26,7 +26,10 @@ Speed options (``lai.train.accel``): ``precision=bf16`` autocasts the forwards,
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
 import resource
 import time
 from contextlib import contextmanager, nullcontext
@@ -49,7 +52,8 @@ from lai.train.accel import (autocast_context, compiled, to_channels_last,
 from lai.train.evaluate import evaluate
 from lai.train.noisy import detection_metrics
 from lai.train.optim import build_optimizer, build_scheduler
-from lai.train.records import RunRecorder
+from lai.errors import TrainingDivergedError
+from lai.train.records import RunRecorder, _jsonable
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -139,7 +143,9 @@ class Trainer:
                  policy: Policy, trainer_cfg: TrainerConfig, estimator_cfg: EstimatorConfig,
                  device: torch.device, recorder: RunRecorder, seed: int = 0,
                  save_scores: bool = False, train_rows: np.ndarray | None = None,
-                 checkpoint_epochs: set[int] | None = None):
+                 checkpoint_epochs: set[int] | None = None,
+                 checkpoint_path: str | os.PathLike | None = None,
+                 resume_state: dict | None = None):
         self.model, self.data, self.est, self.policy = model, data, estimator, policy
         self.cfg, self.ecfg = trainer_cfg, estimator_cfg
         self.device, self.rec = device, recorder
@@ -154,6 +160,9 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.checkpoint_epochs = checkpoint_epochs or set()
         self.checkpoints: list[dict] = []  # CPU state_dicts at the end of checkpoint_epochs
+        # resumable runs: the whole state is written here at the end of every epoch
+        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        self.resume_state = resume_state
         # speed options: all forwards (the estimator's own too) run in `self._autocast()`;
         # forwards without estimator hooks run `self.fwd_model` (compiled when asked)
         self._autocast = autocast_context(device, getattr(trainer_cfg, "precision", "fp32"))
@@ -303,6 +312,8 @@ class Trainer:
         self._pending = PendingSteps()
         self._refresh_timer.total()  # read the finished refresh timings: keeps the list short
         loss_sum = float(torch.stack(p.losses).double().sum())
+        if not math.isfinite(loss_sum):
+            self._diverged(epoch, step, p.steps, loss_sum)
         kept = p.kept_host + (int(torch.stack(p.kept).sum()) if p.kept else 0)
         value_mean = None
         if p.values:
@@ -361,8 +372,17 @@ class Trainer:
         self.checkpoints = []
         eval_at = {int(s) for s in cfg.eval_at_steps}
         step_evals: dict[str, dict] = {}
-        removed = 0
-        for epoch in range(cfg.epochs):
+        removed, start_epoch, elapsed_before = 0, 0, 0.0
+        if self.resume_state is not None:
+            loop = self.load_state_dict(self.resume_state)
+            history, samples_per_epoch = loop["history"], loop["samples_per_epoch"]
+            step, removed, step_evals = loop["step"], loop["removed"], loop["step_evals"]
+            start_epoch, elapsed_before = loop["next_epoch"], loop["elapsed_s"]
+            all_values, all_kept = loop["all_values"], loop["all_kept"]
+            last_eval = loop["last_eval"]
+            t_start -= elapsed_before
+        self._loop = {}
+        for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
                 break
             stats = EpochStats()
@@ -409,6 +429,13 @@ class Trainer:
                                          for k, v in self.model.state_dict().items()})
             all_values.append(self._epoch_values)
             all_kept.append(self._epoch_kept)
+            self._loop = {"next_epoch": epoch + 1, "step": step, "removed": removed,
+                          "history": history, "samples_per_epoch": samples_per_epoch,
+                          "step_evals": step_evals, "last_eval": last_eval,
+                          "all_values": all_values, "all_kept": all_kept,
+                          "elapsed_s": time.perf_counter() - t_start}
+            if self.checkpoint_path is not None:
+                self.save_checkpoint(self.checkpoint_path)
         if not last_eval or "test_acc" not in history[-1]:
             last_eval = self._evaluate()
         wall = time.perf_counter() - t_start
@@ -424,6 +451,7 @@ class Trainer:
             "samples_per_epoch": samples_per_epoch,
             "kept_fraction": sum(samples_per_epoch) / max(1, seen),
             "samples_seen": seen, "samples_removed": removed,
+            "skipped_steps": sum(r["skipped_steps"] for r in history),
             "history": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                         for r in history],
             "wall_time_s": wall, "cache_refresh_s": self._refresh_timer.total(),
@@ -440,6 +468,73 @@ class Trainer:
             summary["final_test_ppl"] = last_eval["test_ppl"]
             summary["final_val_ppl"] = last_eval["val_ppl"]
         return summary
+
+    # ---- failure and checkpoints -------------------------------------------------------
+    def _diverged(self, epoch: int, step: int, steps: int, loss_sum: float) -> None:
+        """A non-finite loss: save the state beside the checkpoint, then stop the run."""
+        where = ""
+        if self.checkpoint_path is not None:
+            path = os.path.join(os.path.dirname(self.checkpoint_path), "diverged_state.pt")
+            self._loop = {**getattr(self, "_loop", {}), "diverged_at_step": step}
+            self.save_checkpoint(path)
+            where = f"; state saved to {path}"
+        raise TrainingDivergedError(
+            f"non-finite training loss ({loss_sum}) in steps {step - steps + 1}..{step} of "
+            f"epoch {epoch}; lower trainer.lr or set trainer.grad_clip{where}")
+
+    def state_dict(self) -> dict:
+        """Everything needed to go on after the last finished epoch, as tensors, numbers,
+        strings and lists only (loadable with ``torch.load(weights_only=True)``)."""
+        loop = dict(self._loop)
+        nps = np.random.get_state()
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "gen": self.gen.get_state(), "val_gen": self.val_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": [nps[0], torch.from_numpy(nps[1].astype(np.int64)), int(nps[2]),
+                          int(nps[3]), float(nps[4])],
+            "python_rng": json.dumps(random.getstate()),
+            "policy": {k: v for k, v in vars(self.policy).items()
+                       if v is None or isinstance(v, (bool, int, float, str, torch.Tensor))},
+            "cache_refresh_s": self._refresh_timer.total(),
+            "all_values": [torch.from_numpy(a) for a in loop.pop("all_values", [])],
+            "all_kept": [torch.from_numpy(a) for a in loop.pop("all_kept", [])],
+            "loop": json.dumps(_jsonable(loop)),
+            "metrics_bytes": self.rec.metrics_bytes(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write :meth:`state_dict` atomically (a kill never leaves a half-written file)."""
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_state_dict(self, state: dict) -> dict:
+        """Restore a :meth:`state_dict` (after :meth:`setup`); returns the loop's records."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["gen"])
+        self.val_gen.set_state(state["val_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = json.loads(state["python_rng"])
+        random.setstate((version, tuple(internal), gauss))
+        for k, v in state["policy"].items():
+            setattr(self.policy, k, v)
+        self._refresh_timer.seconds = float(state["cache_refresh_s"])
+        loop = json.loads(state["loop"])
+        loop["all_values"] = [t.numpy() for t in state["all_values"]]
+        loop["all_kept"] = [t.numpy() for t in state["all_kept"]]
+        loop["last_eval"] = loop.get("last_eval") or {}
+        return loop
 
     def _evaluate(self) -> dict:
         out = {}
