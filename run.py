@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -51,7 +52,8 @@ def main(cfg: DictConfig) -> dict | None:
             f"test acc {summary['final_test_acc']:.4f}  kept {summary['kept_fraction']:.3f}  "
             f"val loss {summary['final_val_loss']:.4f}  {summary['wall_time_s']:.1f}s  "
             f"-> {summary['run_dir']}")
-    print(line)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, from rank 0
+        print(line)
     return summary
 
 

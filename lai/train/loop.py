@@ -47,6 +47,7 @@ from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.estimators.capture import preserved_buffers
 from lai.policies.base import Policy
+from lai.train import distributed as dist_mod
 from lai.train.accel import (autocast_context, compiled, to_channels_last,
                              wants_channels_last)
 from lai.train.evaluate import evaluate
@@ -175,6 +176,7 @@ class Trainer:
         self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(device)
+        self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
 
     # ---- inputs ----------------------------------------------------------------------
     def _prepare(self, inputs: Any, train: bool) -> Any:
@@ -194,7 +196,10 @@ class Trainer:
         k = max(1, int(round(self.ecfg.val_fraction * n)))
         if self.ecfg.val_max is not None:
             k = min(k, int(self.ecfg.val_max))
-        rows = torch.randperm(n, generator=self.val_gen)[:k]
+        rows = self.dist.shard(torch.randperm(n, generator=self.val_gen)[:k])
+        if len(rows) == 0:
+            raise ValueError(f"{k} validation rows per refresh cannot be shared by "
+                             f"{self.dist.world} ranks: raise estimator.val_fraction/val_max")
         batch = self._to_device(self.data.val.gather(rows))
         return Batch(self._prepare(batch.inputs, False), batch.labels, batch.idx)
 
@@ -207,6 +212,7 @@ class Trainer:
             self.model.train(self.ecfg.val_mode == "train")
             try:
                 self.est.refresh(self.model, vb)  # buffers (BN statistics) restored inside
+                dist_mod.reduce_cache(self.est, self.dist)  # ranks' parts summed
             finally:
                 self.model.train(was_training)
 
@@ -223,9 +229,16 @@ class Trainer:
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
         weights); optimizer step."""
-        loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
+        if self.dist.enabled:  # the one-process weighted mean, once gradients are summed
+            total = losses.sum() if weights is None else (weights * losses).sum()
+            denom = (weights.detach().sum() if weights is not None
+                     else losses.new_tensor(float(losses.shape[0])))
+            loss = total / self.dist.sum_(denom.clone())
+        else:
+            loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist_mod.sum_gradients(self.model, self.dist)
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -283,7 +296,8 @@ class Trainer:
             p.kept_host += b
         elif self.policy.may_drop_all:
             kept = int(keep.sum())  # host sync: a batch with nothing kept skips the step
-            if kept > 0:
+            if (kept if not self.dist.enabled
+                    else int(self.dist.sum_(keep.sum().reshape(1).double()).item())) > 0:
                 self._update(losses, weights)
             else:
                 p.skipped += 1
@@ -312,16 +326,22 @@ class Trainer:
         self._pending = PendingSteps()
         self._refresh_timer.total()  # read the finished refresh timings: keeps the list short
         loss_sum = float(torch.stack(p.losses).double().sum())
-        if not math.isfinite(loss_sum):
-            self._diverged(epoch, step, p.steps, loss_sum)
         kept = p.kept_host + (int(torch.stack(p.kept).sum()) if p.kept else 0)
-        value_mean = None
+        value_sum = value_n = 0.0
         if p.values:
             idx = torch.cat(p.idx).cpu().numpy()
             vals = torch.cat(p.values).float().cpu().numpy()
             self._epoch_values[idx] = vals
             self._epoch_kept[idx] = torch.cat(p.keep).cpu().numpy()
-            value_mean = float(vals.mean())
+            value_sum, value_n = float(vals.astype(np.float64).sum()), float(len(vals))
+        if self.dist.enabled:  # records count every rank's samples (skips are decided jointly)
+            sums = self.dist.sum_(torch.tensor([loss_sum, kept, p.seen, value_sum, value_n],
+                                               dtype=torch.float64)).tolist()
+            loss_sum, kept, p.seen, value_sum, value_n = sums[0], int(sums[1]), int(sums[2]), \
+                sums[3], sums[4]
+        value_mean = value_sum / value_n if value_n else None
+        if not math.isfinite(loss_sum):
+            self._diverged(epoch, step, p.steps, loss_sum)
         if p.all_kept_idx:
             self._epoch_kept[torch.cat(p.all_kept_idx).cpu().numpy()] = 1
         stats.loss_sum += loss_sum
@@ -356,6 +376,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         bs = cfg.batch_size
+        if self.dist.enabled and self.scoring and cfg.strategy != "one_pass":
+            raise ValueError("data-parallel runs need trainer.strategy=one_pass")
         steps_per_epoch = math.ceil(len(self.rows) / bs)
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
@@ -396,7 +418,7 @@ class Trainer:
                 if (periodic_refresh and self.policy.active(epoch)
                         and step % max(1, self.ecfg.refresh_every) == 0):
                     self._refresh()
-                rows = order[i * bs:(i + 1) * bs]
+                rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
                 self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
                 step += 1
                 if step % self.log_every == 0 or step in eval_at:
@@ -407,6 +429,8 @@ class Trainer:
                     self.rec.log("step_eval", step=step, **step_evals[str(step)])
             self._flush(epoch, step, stats, bar)
             bar.close()
+            self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+                self._epoch_values, self._epoch_kept, self.dist)
             samples_per_epoch.append(stats.kept)
             removed += stats.seen - stats.kept
             row = {"epoch": epoch, "step": step, "train_loss": stats.loss_sum / max(1, stats.seen),
@@ -509,8 +533,11 @@ class Trainer:
 
     def save_checkpoint(self, path: str) -> None:
         """Write :meth:`state_dict` atomically (a kill never leaves a half-written file)."""
+        state = self.state_dict()
+        if self.dist.rank != 0:  # rank 0 writes for all (every rank holds the same state)
+            return
         tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
 
     def load_state_dict(self, state: dict) -> dict:

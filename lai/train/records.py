@@ -178,3 +178,25 @@ class RunRecorder:
         self._metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class NullRecorder:
+    """A recorder that writes nothing (data-parallel ranks other than 0)."""
+
+    def __init__(self):
+        self.dir, self.wandb, self.context = None, None, {}
+
+    def log(self, kind: str, **values: Any) -> None:
+        pass
+
+    def save_scores(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def summary(self, **values: Any) -> dict:
+        return _jsonable({"host": platform.node(), **values})
+
+    def metrics_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import traceback
@@ -18,8 +19,9 @@ from lai.models import build_model, build_tokenizer
 from lai.policies import build_policy_from_config
 from lai.train.loop import Trainer, peak_memory_mb
 from lai.data.checksums import dataset_folders, verify_files
-from lai.train.records import (RunRecorder, completed_summary, config_hash, lock_run_dir,
-                               run_dir_for)
+from lai.train.distributed import init_from_env
+from lai.train.records import (NullRecorder, RunRecorder, completed_summary, config_hash,
+                               lock_run_dir, run_dir_for)
 from lai.train.two_round import run_two_round
 
 
@@ -86,6 +88,12 @@ def run_experiment(cfg: DictConfig) -> dict:
     """
     validate(cfg)
     device = resolve_device(cfg.device)
+    ranks = init_from_env(device)  # torchrun: data-parallel (lai/train/distributed.py)
+    if ranks.enabled:
+        check_data_parallel(cfg, ranks.world)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
     identity = config_hash(cfg)
     run_dir = run_dir_for(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
                           seed=cfg.seed, identity=identity)
@@ -113,9 +121,11 @@ def run_experiment(cfg: DictConfig) -> dict:
     model = make_model()
     check_classes(cfg, model, data)
     if not two_round:
+        cache = cfg.estimator.cache
+        if ranks.enabled and cache == "auto":
+            cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
         estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
-                                    output_layer=cfg.estimator.output_layer,
-                                    cache=cfg.estimator.cache)
+                                    output_layer=cfg.estimator.output_layer, cache=cache)
         policy = build_policy_from_config(cfg.policy)
 
     else:
@@ -123,6 +133,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     if two_round:
         model = None  # each round builds its own
+    if ranks.rank != 0:  # rank 0 writes the run folder; the others train alongside
+        return _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model,
+                       device, estimator, policy, record=False)
     lock = lock_run_dir(run_dir)  # held until this process ends
     try:
         return _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model,
@@ -131,24 +144,39 @@ def run_experiment(cfg: DictConfig) -> dict:
         lock.close()
 
 
+def check_data_parallel(cfg: DictConfig, world: int) -> None:
+    """What a data-parallel (torchrun) run supports: ConfigError otherwise."""
+    if cfg.runner.name != "online":
+        raise ConfigError(f"runner={cfg.runner.name} runs in one process; torchrun with "
+                          f"{world} processes supports runner=online")
+    if cfg.estimator.name not in ("vanilla", "lai", "lli", "ghost", "spl"):
+        raise ConfigError(f"estimator={cfg.estimator.name} has no data-parallel cache")
+    if cfg.estimator.cache == "pairwise":
+        raise ConfigError("estimator.cache=pairwise cannot be summed over ranks: use folded")
+    if cfg.trainer.strategy != "one_pass" and cfg.estimator.name != "vanilla":
+        raise ConfigError("data-parallel runs need trainer.strategy=one_pass")
+
+
 def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model, device,
-            estimator, policy) -> dict:
+            estimator, policy, record: bool = True) -> dict:
     two_round = model is None
     ckpt = run_dir / "checkpoint.pt"
     resume = None
     if not two_round and ckpt.is_file():
         resume = torch.load(ckpt, map_location=device, weights_only=True)
     recorder = RunRecorder(run_dir, cfg, _wandb_run(cfg, run_dir),
-                           metrics_bytes=resume["metrics_bytes"] if resume else 0)
+                           metrics_bytes=resume["metrics_bytes"] if resume else 0) \
+        if record else NullRecorder()
     info = {"run_dir": str(run_dir), "device": str(device), "torch": torch.__version__,
             "data": data.info, "n_train": len(data.train), "n_val": len(data.val),
             "n_test": len(data.test), "n_params": n_params,
-            "data_build_s": data_time, "config_hash": identity}
+            "data_build_s": data_time, "config_hash": identity,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if data.noisy is not None:
         info["train_noise_rate"] = float(np.mean(data.noisy))
     recorder.log("resume" if resume else "start", **info,
                  **({"from_epoch": json.loads(resume["loop"])["next_epoch"]} if resume else {}))
-    if resume:
+    if resume and record:
         print(f"resuming {run_dir} from its checkpoint", flush=True)
     try:
         if two_round:
@@ -170,5 +198,6 @@ def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model
                               runner=cfg.runner.name, seed=cfg.seed, **summary, **{k: v for k, v in info.items()
                                                            if k != "data"})
     recorder.close()
-    ckpt.unlink(missing_ok=True)  # completed: summary.json is the record from now on
+    if record:
+        ckpt.unlink(missing_ok=True)  # completed: summary.json is the record from now on
     return result
