@@ -555,7 +555,7 @@ class Trainer:
         version, internal, gauss = json.loads(state["python_rng"])
         random.setstate((version, tuple(internal), gauss))
         for k, v in state["policy"].items():
-            setattr(self.policy, k, v)
+            setattr(self.policy, k, v.to(self.device) if torch.is_tensor(v) else v)
         self._refresh_timer.seconds = float(state["cache_refresh_s"])
         loop = json.loads(state["loop"])
         loop["all_values"] = [t.numpy() for t in state["all_values"]]

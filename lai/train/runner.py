@@ -163,7 +163,8 @@ def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model
     ckpt = run_dir / "checkpoint.pt"
     resume = None
     if not two_round and ckpt.is_file():
-        resume = torch.load(ckpt, map_location=device, weights_only=True)
+        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
+        resume = torch.load(ckpt, map_location="cpu", weights_only=True)
     recorder = RunRecorder(run_dir, cfg, _wandb_run(cfg, run_dir),
                            metrics_bytes=resume["metrics_bytes"] if resume else 0) \
         if record else NullRecorder()

@@ -171,3 +171,28 @@ def test_all_filtered_batches_are_skipped_and_counted(tiny_overrides, strategy):
                                    *tiny_overrides))
     assert s["skipped_steps"] == 3 and s["samples_per_epoch"] == [0]
     assert s["history"][0]["skipped_steps"] == 3
+
+
+def test_crashed_spl_run_resumes_with_its_policy_state(tiny_overrides, tmp_path, monkeypatch):
+    """A run that crashed in epoch 2 (summary: failed) resumes from its epoch-1 checkpoint,
+    SPL's lambda included, and ends as an uninterrupted run does."""
+    args = ["dataset=digits_n", "estimator=spl", "trainer.epochs=3", *tiny_overrides]
+    ref = run_experiment(compose_cfg(*args, "run_name=reference"))
+    orig, calls = loop_mod.Trainer._step, []
+
+    def crash_in_epoch_2(self, raw, epoch, step):
+        if epoch == 1 and len(calls) == 3:
+            raise RuntimeError("injected crash")
+        if epoch == 1:
+            calls.append(step)
+        return orig(self, raw, epoch, step)
+
+    monkeypatch.setattr(loop_mod.Trainer, "_step", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_experiment(compose_cfg(*args))
+    (failed,) = [s for s in _summaries(tmp_path / "runs") if s["status"] == "failed"]
+    assert (Path(failed["run_dir"]) / "checkpoint.pt").is_file()
+    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    resumed = run_experiment(compose_cfg(*args))
+    assert resumed["run_dir"] == failed["run_dir"] and resumed["status"] == "completed"
+    assert _comparable(resumed) == {**_comparable(ref), "config_hash": resumed["config_hash"]}
