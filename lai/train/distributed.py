@@ -121,5 +121,6 @@ def merge_epoch_arrays(values: np.ndarray, kept: np.ndarray, d: Dist) -> tuple[n
     d.sum_(v)
     d.sum_(n)
     k = d.max_(torch.from_numpy(kept.astype(np.int64)))
-    out = np.where(n.numpy() > 0, v.numpy(), np.nan).astype(np.float32)
+    # a row merged before (a mid-epoch checkpoint) is held by every rank: the mean is its value
+    out = np.where(n.numpy() > 0, v.numpy() / np.maximum(n.numpy(), 1), np.nan).astype(np.float32)
     return out, k.numpy().astype(np.int8)

@@ -403,14 +403,25 @@ class Trainer:
             all_values, all_kept = loop["all_values"], loop["all_kept"]
             last_eval = loop["last_eval"]
             t_start -= elapsed_before
+        in_epoch = self.resume_state.get("in_epoch") if self.resume_state is not None else None
+        ckpt_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
         self._loop = {}
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
                 break
             stats = EpochStats()
             self._new_epoch()
-            order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows), generator=self.gen)]
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            first = 0
+            if in_epoch is not None:  # resumed inside this epoch: its order and records so far
+                first, order = int(in_epoch["i"]), in_epoch["order"]
+                stats = EpochStats(**json.loads(in_epoch["stats"]))
+                self._epoch_values = in_epoch["epoch_values"].numpy().copy()
+                self._epoch_kept = in_epoch["epoch_kept"].numpy().copy()
+                in_epoch = None
+            else:
+                order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows),
+                                                                  generator=self.gen)]
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False, dynamic_ncols=True)
             for i in bar:
                 if step >= total:
@@ -427,6 +438,18 @@ class Trainer:
                     step_evals[str(step)] = {"removed_so_far": removed + stats.seen - stats.kept,
                                              **self._evaluate()}
                     self.rec.log("step_eval", step=step, **step_evals[str(step)])
+                if (ckpt_every and step % ckpt_every == 0 and i + 1 < steps_per_epoch
+                        and step < total and self.checkpoint_path is not None):
+                    self._flush(epoch, step, stats, bar)
+                    self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+                        self._epoch_values, self._epoch_kept, self.dist)
+                    self._loop = {"next_epoch": epoch, "step": step, "removed": removed,
+                                  "history": history, "samples_per_epoch": samples_per_epoch,
+                                  "step_evals": step_evals, "last_eval": last_eval,
+                                  "all_values": all_values, "all_kept": all_kept,
+                                  "elapsed_s": time.perf_counter() - t_start,
+                                  "in_epoch": {"i": i + 1, "order": order, "stats": stats}}
+                    self.save_checkpoint(self.checkpoint_path)
             self._flush(epoch, step, stats, bar)
             bar.close()
             self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
@@ -510,6 +533,7 @@ class Trainer:
         """Everything needed to go on after the last finished epoch, as tensors, numbers,
         strings and lists only (loadable with ``torch.load(weights_only=True)``)."""
         loop = dict(self._loop)
+        in_epoch = loop.pop("in_epoch", None)
         nps = np.random.get_state()
         state = {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -527,6 +551,12 @@ class Trainer:
             "loop": json.dumps(_jsonable(loop)),
             "metrics_bytes": self.rec.metrics_bytes(),
         }
+        if in_epoch is not None:  # a checkpoint inside an epoch (trainer.checkpoint_every)
+            state["in_epoch"] = {
+                "i": int(in_epoch["i"]), "order": torch.as_tensor(in_epoch["order"]).cpu(),
+                "stats": json.dumps(vars(in_epoch["stats"])),
+                "epoch_values": torch.from_numpy(self._epoch_values.copy()),
+                "epoch_kept": torch.from_numpy(self._epoch_kept.copy())}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state

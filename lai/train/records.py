@@ -62,8 +62,8 @@ def make_run_dir(results_dir: str | Path, *parts: str, seed: int) -> Path:
 
 
 # config keys that change how a run is shown or where it is written, not what it computes
-VOLATILE_KEYS = ("trainer.progress", "trainer.log_every", "results_dir", "data_dir", "logger",
-                 "extra")
+VOLATILE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
+                 "results_dir", "data_dir", "logger", "extra")
 
 
 def config_hash(cfg: DictConfig | dict, length: int = 12) -> str:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,29 @@ def test_crashed_spl_run_resumes_with_its_policy_state(tiny_overrides, tmp_path,
     resumed = run_experiment(compose_cfg(*args))
     assert resumed["run_dir"] == failed["run_dir"] and resumed["status"] == "completed"
     assert _comparable(resumed) == {**_comparable(ref), "config_hash": resumed["config_hash"]}
+
+
+def test_resume_inside_an_epoch_with_checkpoint_every(tiny_overrides, tmp_path, monkeypatch):
+    args = ["dataset=digits_n", "estimator=lai", "trainer.epochs=2", "trainer.log_every=5",
+            "trainer.checkpoint_every=5", "save_scores=true", *tiny_overrides]
+    ref = run_experiment(compose_cfg(*args, "run_name=reference"))
+    orig = loop_mod.Trainer._step
+
+    def crash(self, raw, epoch, step):
+        if epoch == 1 and step == 21 + 12:  # inside epoch 2 (21 steps an epoch), after step 30
+            raise RuntimeError("injected crash")
+        return orig(self, raw, epoch, step)
+
+    monkeypatch.setattr(loop_mod.Trainer, "_step", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_experiment(compose_cfg(*args))
+    (failed,) = [s for s in _summaries(tmp_path / "runs") if s["status"] == "failed"]
+    state = torch.load(Path(failed["run_dir"]) / "checkpoint.pt", weights_only=True)
+    assert state["in_epoch"]["i"] == 9 and state["loop"]  # checkpoint at step 30: 9 of epoch 2
+    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    resumed = run_experiment(compose_cfg(*args))
+    assert _comparable(resumed) == {**_comparable(ref), "config_hash": resumed["config_hash"]}
+    for name in ("epoch_000.npz", "epoch_001.npz"):
+        a, b = (np.load(Path(s["run_dir"]) / "scores" / name) for s in (ref, resumed))
+        assert np.array_equal(a["values"], b["values"], equal_nan=True)
+        assert np.array_equal(a["kept"], b["kept"])
