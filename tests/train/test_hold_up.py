@@ -223,3 +223,19 @@ def test_resume_inside_an_epoch_with_checkpoint_every(tiny_overrides, tmp_path, 
         a, b = (np.load(Path(s["run_dir"]) / "scores" / name) for s in (ref, resumed))
         assert np.array_equal(a["values"], b["values"], equal_nan=True)
         assert np.array_equal(a["kept"], b["kept"])
+
+
+def test_a_run_folder_in_use_is_not_touched(tiny_overrides, tmp_path):
+    from lai.train.records import RunInUseError, config_hash, lock_run_dir, run_dir_for
+    cfg = compose_cfg("dataset=digits_n", "estimator=vanilla", "trainer.max_steps=2",
+                      *tiny_overrides)
+    run_dir = run_dir_for(cfg.results_dir, "digits_n", "vanilla", seed=0,
+                          identity=config_hash(cfg))
+    held = lock_run_dir(run_dir)  # as another live process would
+    try:
+        with pytest.raises(RunInUseError, match="in use by another process"):
+            run_experiment(cfg)
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+    finally:
+        held.close()
+    assert run_experiment(cfg)["status"] == "completed"  # released: the run goes ahead
