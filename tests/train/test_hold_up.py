@@ -242,3 +242,18 @@ def test_a_run_folder_in_use_is_not_touched(tiny_overrides, tmp_path):
     finally:
         held.close()
     assert run_experiment(cfg)["status"] == "completed"  # released: the run goes ahead
+
+
+def test_pretrained_head_of_another_size_is_a_config_error(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lai.models import hf
+    small = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=16, max_position_embeddings=16, num_labels=3)
+    BertForSequenceClassification(small).save_pretrained(tmp_path / "ckpt")
+    cfg = compose_cfg("model=bert", f"model.name_or_path={tmp_path / 'ckpt'}").model
+    assert hf.bert(cfg, "classification", 3).classifier.out_features == 3
+    with pytest.raises(ConfigError, match="classification head of another size than the "
+                                          "dataset's 6 classes") as e:
+        hf.bert(cfg, "classification", 6)
+    assert "\n" not in str(e.value)
