@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -45,20 +44,6 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
         return _jsonable(x.item())
     return x
-
-
-def make_run_dir(results_dir: str | Path, *parts: str, seed: int) -> Path:
-    """Create a fresh, unique run folder (never reuses an existing one)."""
-    base = Path(results_dir).joinpath(*parts)
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    while True:
-        path = base / f"{stamp}-s{seed}-{secrets.token_hex(3)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:  # astronomically unlikely; try another suffix
-            continue
 
 
 # config keys that change how a run is shown or where it is written, not what it computes
