@@ -405,6 +405,7 @@ class Trainer:
             t_start -= elapsed_before
         in_epoch = self.resume_state.get("in_epoch") if self.resume_state is not None else None
         ckpt_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
+        cache_ready = False  # no validation cache yet in this process
         self._loop = {}
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
@@ -427,8 +428,9 @@ class Trainer:
                 if step >= total:
                     break
                 if (periodic_refresh and self.policy.active(epoch)
-                        and step % max(1, self.ecfg.refresh_every) == 0):
-                    self._refresh()
+                        and (step % max(1, self.ecfg.refresh_every) == 0 or not cache_ready)):
+                    self._refresh()  # also the first scored step (after a resume or warm-up)
+                    cache_ready = True
                 rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
                 self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
                 step += 1

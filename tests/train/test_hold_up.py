@@ -257,3 +257,24 @@ def test_pretrained_head_of_another_size_is_a_config_error(tmp_path):
                                           "dataset's 6 classes") as e:
         hf.bert(cfg, "classification", 6)
     assert "\n" not in str(e.value)
+
+
+def test_resume_between_cache_refreshes_rebuilds_the_cache(tiny_overrides, tmp_path,
+                                                           monkeypatch):
+    """refresh_every=4 with 21 steps an epoch: the epoch-1 checkpoint (step 21) falls between
+    two refreshes; the resumed run rebuilds the cache at its first step and completes."""
+    args = ["dataset=digits_n", "estimator=lai", "trainer.epochs=2",
+            "estimator.refresh_every=4", *tiny_overrides]
+    orig = loop_mod.Trainer._step
+
+    def crash(self, raw, epoch, step):
+        if epoch == 1:
+            raise RuntimeError("injected crash")
+        return orig(self, raw, epoch, step)
+
+    monkeypatch.setattr(loop_mod.Trainer, "_step", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_experiment(compose_cfg(*args))
+    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    s = run_experiment(compose_cfg(*args))
+    assert s["status"] == "completed" and s["epochs"] == 2 and s["steps"] == 42
