@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -13,7 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lai.config import ConfigError, register_configs
-from lai.errors import MissingResourceError
+from lai.errors import MissingResourceError, TrainingDivergedError
+from lai.train.records import RunInUseError
 
 register_configs()
 
@@ -31,13 +33,15 @@ def main(cfg: DictConfig) -> dict | None:
 
     try:
         summary = run_experiment(cfg)
-    except (ConfigError, MissingResourceError, MemoryError) as e:
+    except (ConfigError, MissingResourceError, MemoryError, RunInUseError,
+            TrainingDivergedError) as e:
         # MemoryError: e.g. TRAK's up-front estimate; the run folder says "failed"
         kind = "out of memory: " if isinstance(e, MemoryError) else ""
         print(f"error: {kind}{e}", file=sys.stderr)
         if _in_sweep():  # one bad job must not end a sweep; its record says why
             return None
-        sys.exit(3 if isinstance(e, MemoryError) else 2)
+        sys.exit(3 if isinstance(e, MemoryError) else 4 if isinstance(e, TrainingDivergedError)
+                 else 2)
     except Exception as e:  # noqa: BLE001 - in a sweep, record and go on with the next job
         if not _in_sweep():
             raise
@@ -48,7 +52,8 @@ def main(cfg: DictConfig) -> dict | None:
             f"test acc {summary['final_test_acc']:.4f}  kept {summary['kept_fraction']:.3f}  "
             f"val loss {summary['final_val_loss']:.4f}  {summary['wall_time_s']:.1f}s  "
             f"-> {summary['run_dir']}")
-    print(line)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, from rank 0
+        print(line)
     return summary
 
 

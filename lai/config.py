@@ -50,6 +50,7 @@ class ModelConfig:
     depth: int = 2  # small models: hidden layers / transformer blocks
     num_layers: Optional[int] = None  # pretrained BERT: keep only the first k encoder layers
     dropout: float = 0.0
+    num_classes: Optional[int] = None  # optional check: must equal the dataset's class count
 
 
 @dataclass
@@ -131,6 +132,8 @@ class TrainerConfig:
     # steps, two_pass's second pass, evaluation); hooked forwards run the eager model
     log_every: int = 50  # one "step" record line per this many steps; per-step statistics
     # stay on the device in between (no host sync per step)
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps inside an epoch (0: at
+    # epoch ends only); a resumed run goes on from the last one
 
 
 @dataclass
@@ -252,8 +255,11 @@ def validate(cfg: Any) -> None:
          "trainer.max_steps must be >= 1"),
         (cfg.trainer.warmup_steps >= 0, "trainer.warmup_steps must be >= 0"),
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
+        (cfg.trainer.get("checkpoint_every", 0) >= 0, "trainer.checkpoint_every must be >= 0"),
         (all(int(s) >= 1 for s in cfg.trainer.eval_at_steps),
          "trainer.eval_at_steps must be steps >= 1"),
+        (cfg.model.get("num_classes") is None or cfg.model.num_classes >= 1,
+         "model.num_classes must be >= 1"),
         (cfg.model.get("num_layers") is None or cfg.model.num_layers >= 1,
          "model.num_layers must be >= 1"),
         (len(cfg.trainer.betas) == 2, "trainer.betas must have two values"),

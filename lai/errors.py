@@ -15,3 +15,7 @@ class MissingDataError(MissingResourceError):
 
 class MissingModelError(MissingResourceError):
     """Pretrained weights or a tokenizer cannot be loaded (no network, no local copy)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops with its state saved."""

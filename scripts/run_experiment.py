@@ -2,7 +2,7 @@
 
     python scripts/run_experiment.py --list
     python scripts/run_experiment.py table3 --scale reduced
-    python scripts/run_experiment.py table3 --scale paper --launcher submitit_slurm
+    python scripts/run_experiment.py table3 --scale paper --launcher slurm
     python scripts/run_experiment.py fig2 --scale reduced --dry-run     # print, do not run
 
 The sweeps live in ``experiments/<artifact>.yaml`` (see experiments/README.md). An

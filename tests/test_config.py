@@ -128,6 +128,10 @@ def test_every_trainer_builds_optimizer_and_schedule(name):
     ("trainer.channels_last=maybe", "trainer.channels_last='maybe' is not one of"),
     ("trainer.channels_last=1", "trainer.channels_last=1 is not one of"),
     ("trainer.log_every=0", "trainer.log_every must be >= 1"),
+    ("trainer.lr=-0.1", "trainer.lr must be > 0"),
+    ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
+    ("estimator.val_fraction=1.5", r"estimator.val_fraction must be in \(0, 1\]"),
+    ("model.num_classes=0", "model.num_classes must be >= 1"),
 ])
 def test_bad_values_raise_one_line_config_errors(override, message):
     cfg = compose_cfg(*override.split())
@@ -154,3 +158,7 @@ def test_unknown_keys_fail_at_composition():
         compose_cfg("trainer.bogus=1")
     with pytest.raises(Exception, match="epochs"):
         compose_cfg("trainer.epochs=many")
+    with pytest.raises(Exception, match="sed"):  # misspelled top-level key
+        compose_cfg("sed=1")
+    with pytest.raises(Exception, match="laii"):  # misspelled group option
+        compose_cfg("estimator=laii")

@@ -58,6 +58,13 @@ def _from_pretrained(model_cls: type, name_or_path: str, local_only: bool, **kwa
             name_or_path, local_files_only=local_only, attn_implementation="eager", **kwargs
         )
     except Exception as err:  # OSError / ValueError / HTTP errors all mean "cannot load it"
+        if ("size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err)) \
+                and "num_labels" in kwargs:
+            from lai.config import ConfigError
+            raise ConfigError(
+                f"pretrained model {name_or_path!r} has a classification head of another size "
+                f"than the dataset's {kwargs['num_labels']} classes; use a checkpoint without "
+                "a trained head (or one for this label set)") from err
         first = str(err).splitlines()[0] if str(err) else ""
         raise MissingModelError(
             f"cannot load model {name_or_path!r} ({type(err).__name__}: {first}); {OFFLINE_HINT}"

@@ -1,7 +1,6 @@
 """ResNet-18 from torchvision, randomly initialised, with a choice of input stem."""
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 STEMS = ("imagenet", "cifar")
@@ -19,6 +18,8 @@ def resnet18(num_classes: int, stem: str = "imagenet", in_channels: int = 3) -> 
     """
     if stem not in STEMS:
         raise ValueError(f"resnet18 stem must be one of {', '.join(STEMS)}; got {stem!r}")
+    import torchvision  # here, not at import: it costs ~2 s per process that never uses it
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if stem == "cifar":
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

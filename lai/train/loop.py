@@ -26,7 +26,10 @@ Speed options (``lai.train.accel``): ``precision=bf16`` autocasts the forwards,
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
 import resource
 import time
 from contextlib import contextmanager, nullcontext
@@ -44,12 +47,14 @@ from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.estimators.capture import preserved_buffers
 from lai.policies.base import Policy
+from lai.train import distributed as dist_mod
 from lai.train.accel import (autocast_context, compiled, to_channels_last,
                              wants_channels_last)
 from lai.train.evaluate import evaluate
 from lai.train.noisy import detection_metrics
 from lai.train.optim import build_optimizer, build_scheduler
-from lai.train.records import RunRecorder
+from lai.errors import TrainingDivergedError
+from lai.train.records import RunRecorder, _jsonable
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -139,7 +144,9 @@ class Trainer:
                  policy: Policy, trainer_cfg: TrainerConfig, estimator_cfg: EstimatorConfig,
                  device: torch.device, recorder: RunRecorder, seed: int = 0,
                  save_scores: bool = False, train_rows: np.ndarray | None = None,
-                 checkpoint_epochs: set[int] | None = None):
+                 checkpoint_epochs: set[int] | None = None,
+                 checkpoint_path: str | os.PathLike | None = None,
+                 resume_state: dict | None = None):
         self.model, self.data, self.est, self.policy = model, data, estimator, policy
         self.cfg, self.ecfg = trainer_cfg, estimator_cfg
         self.device, self.rec = device, recorder
@@ -154,6 +161,9 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.checkpoint_epochs = checkpoint_epochs or set()
         self.checkpoints: list[dict] = []  # CPU state_dicts at the end of checkpoint_epochs
+        # resumable runs: the whole state is written here at the end of every epoch
+        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        self.resume_state = resume_state
         # speed options: all forwards (the estimator's own too) run in `self._autocast()`;
         # forwards without estimator hooks run `self.fwd_model` (compiled when asked)
         self._autocast = autocast_context(device, getattr(trainer_cfg, "precision", "fp32"))
@@ -166,6 +176,7 @@ class Trainer:
         self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(device)
+        self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
 
     # ---- inputs ----------------------------------------------------------------------
     def _prepare(self, inputs: Any, train: bool) -> Any:
@@ -185,7 +196,10 @@ class Trainer:
         k = max(1, int(round(self.ecfg.val_fraction * n)))
         if self.ecfg.val_max is not None:
             k = min(k, int(self.ecfg.val_max))
-        rows = torch.randperm(n, generator=self.val_gen)[:k]
+        rows = self.dist.shard(torch.randperm(n, generator=self.val_gen)[:k])
+        if len(rows) == 0:
+            raise ValueError(f"{k} validation rows per refresh cannot be shared by "
+                             f"{self.dist.world} ranks: raise estimator.val_fraction/val_max")
         batch = self._to_device(self.data.val.gather(rows))
         return Batch(self._prepare(batch.inputs, False), batch.labels, batch.idx)
 
@@ -198,6 +212,7 @@ class Trainer:
             self.model.train(self.ecfg.val_mode == "train")
             try:
                 self.est.refresh(self.model, vb)  # buffers (BN statistics) restored inside
+                dist_mod.reduce_cache(self.est, self.dist)  # ranks' parts summed
             finally:
                 self.model.train(was_training)
 
@@ -214,9 +229,16 @@ class Trainer:
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
         weights); optimizer step."""
-        loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
+        if self.dist.enabled:  # the one-process weighted mean, once gradients are summed
+            total = losses.sum() if weights is None else (weights * losses).sum()
+            denom = (weights.detach().sum() if weights is not None
+                     else losses.new_tensor(float(losses.shape[0])))
+            loss = total / self.dist.sum_(denom.clone())
+        else:
+            loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist_mod.sum_gradients(self.model, self.dist)
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -274,7 +296,8 @@ class Trainer:
             p.kept_host += b
         elif self.policy.may_drop_all:
             kept = int(keep.sum())  # host sync: a batch with nothing kept skips the step
-            if kept > 0:
+            if (kept if not self.dist.enabled
+                    else int(self.dist.sum_(keep.sum().reshape(1).double()).item())) > 0:
                 self._update(losses, weights)
             else:
                 p.skipped += 1
@@ -304,13 +327,21 @@ class Trainer:
         self._refresh_timer.total()  # read the finished refresh timings: keeps the list short
         loss_sum = float(torch.stack(p.losses).double().sum())
         kept = p.kept_host + (int(torch.stack(p.kept).sum()) if p.kept else 0)
-        value_mean = None
+        value_sum = value_n = 0.0
         if p.values:
             idx = torch.cat(p.idx).cpu().numpy()
             vals = torch.cat(p.values).float().cpu().numpy()
             self._epoch_values[idx] = vals
             self._epoch_kept[idx] = torch.cat(p.keep).cpu().numpy()
-            value_mean = float(vals.mean())
+            value_sum, value_n = float(vals.astype(np.float64).sum()), float(len(vals))
+        if self.dist.enabled:  # records count every rank's samples (skips are decided jointly)
+            sums = self.dist.sum_(torch.tensor([loss_sum, kept, p.seen, value_sum, value_n],
+                                               dtype=torch.float64)).tolist()
+            loss_sum, kept, p.seen, value_sum, value_n = sums[0], int(sums[1]), int(sums[2]), \
+                sums[3], sums[4]
+        value_mean = value_sum / value_n if value_n else None
+        if not math.isfinite(loss_sum):
+            self._diverged(epoch, step, p.steps, loss_sum)
         if p.all_kept_idx:
             self._epoch_kept[torch.cat(p.all_kept_idx).cpu().numpy()] = 1
         stats.loss_sum += loss_sum
@@ -345,6 +376,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         bs = cfg.batch_size
+        if self.dist.enabled and self.scoring and cfg.strategy != "one_pass":
+            raise ValueError("data-parallel runs need trainer.strategy=one_pass")
         steps_per_epoch = math.ceil(len(self.rows) / bs)
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
@@ -361,22 +394,44 @@ class Trainer:
         self.checkpoints = []
         eval_at = {int(s) for s in cfg.eval_at_steps}
         step_evals: dict[str, dict] = {}
-        removed = 0
-        for epoch in range(cfg.epochs):
+        removed, start_epoch, elapsed_before = 0, 0, 0.0
+        if self.resume_state is not None:
+            loop = self.load_state_dict(self.resume_state)
+            history, samples_per_epoch = loop["history"], loop["samples_per_epoch"]
+            step, removed, step_evals = loop["step"], loop["removed"], loop["step_evals"]
+            start_epoch, elapsed_before = loop["next_epoch"], loop["elapsed_s"]
+            all_values, all_kept = loop["all_values"], loop["all_kept"]
+            last_eval = loop["last_eval"]
+            t_start -= elapsed_before
+        in_epoch = self.resume_state.get("in_epoch") if self.resume_state is not None else None
+        ckpt_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
+        cache_ready = False  # no validation cache yet in this process
+        self._loop = {}
+        for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
                 break
             stats = EpochStats()
             self._new_epoch()
-            order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows), generator=self.gen)]
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            first = 0
+            if in_epoch is not None:  # resumed inside this epoch: its order and records so far
+                first, order = int(in_epoch["i"]), in_epoch["order"]
+                stats = EpochStats(**json.loads(in_epoch["stats"]))
+                self._epoch_values = in_epoch["epoch_values"].numpy().copy()
+                self._epoch_kept = in_epoch["epoch_kept"].numpy().copy()
+                in_epoch = None
+            else:
+                order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows),
+                                                                  generator=self.gen)]
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False, dynamic_ncols=True)
             for i in bar:
                 if step >= total:
                     break
                 if (periodic_refresh and self.policy.active(epoch)
-                        and step % max(1, self.ecfg.refresh_every) == 0):
-                    self._refresh()
-                rows = order[i * bs:(i + 1) * bs]
+                        and (step % max(1, self.ecfg.refresh_every) == 0 or not cache_ready)):
+                    self._refresh()  # also the first scored step (after a resume or warm-up)
+                    cache_ready = True
+                rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
                 self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
                 step += 1
                 if step % self.log_every == 0 or step in eval_at:
@@ -385,8 +440,22 @@ class Trainer:
                     step_evals[str(step)] = {"removed_so_far": removed + stats.seen - stats.kept,
                                              **self._evaluate()}
                     self.rec.log("step_eval", step=step, **step_evals[str(step)])
+                if (ckpt_every and step % ckpt_every == 0 and i + 1 < steps_per_epoch
+                        and step < total and self.checkpoint_path is not None):
+                    self._flush(epoch, step, stats, bar)
+                    self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+                        self._epoch_values, self._epoch_kept, self.dist)
+                    self._loop = {"next_epoch": epoch, "step": step, "removed": removed,
+                                  "history": history, "samples_per_epoch": samples_per_epoch,
+                                  "step_evals": step_evals, "last_eval": last_eval,
+                                  "all_values": all_values, "all_kept": all_kept,
+                                  "elapsed_s": time.perf_counter() - t_start,
+                                  "in_epoch": {"i": i + 1, "order": order, "stats": stats}}
+                    self.save_checkpoint(self.checkpoint_path)
             self._flush(epoch, step, stats, bar)
             bar.close()
+            self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+                self._epoch_values, self._epoch_kept, self.dist)
             samples_per_epoch.append(stats.kept)
             removed += stats.seen - stats.kept
             row = {"epoch": epoch, "step": step, "train_loss": stats.loss_sum / max(1, stats.seen),
@@ -409,6 +478,13 @@ class Trainer:
                                          for k, v in self.model.state_dict().items()})
             all_values.append(self._epoch_values)
             all_kept.append(self._epoch_kept)
+            self._loop = {"next_epoch": epoch + 1, "step": step, "removed": removed,
+                          "history": history, "samples_per_epoch": samples_per_epoch,
+                          "step_evals": step_evals, "last_eval": last_eval,
+                          "all_values": all_values, "all_kept": all_kept,
+                          "elapsed_s": time.perf_counter() - t_start}
+            if self.checkpoint_path is not None:
+                self.save_checkpoint(self.checkpoint_path)
         if not last_eval or "test_acc" not in history[-1]:
             last_eval = self._evaluate()
         wall = time.perf_counter() - t_start
@@ -424,6 +500,7 @@ class Trainer:
             "samples_per_epoch": samples_per_epoch,
             "kept_fraction": sum(samples_per_epoch) / max(1, seen),
             "samples_seen": seen, "samples_removed": removed,
+            "skipped_steps": sum(r["skipped_steps"] for r in history),
             "history": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                         for r in history],
             "wall_time_s": wall, "cache_refresh_s": self._refresh_timer.total(),
@@ -440,6 +517,83 @@ class Trainer:
             summary["final_test_ppl"] = last_eval["test_ppl"]
             summary["final_val_ppl"] = last_eval["val_ppl"]
         return summary
+
+    # ---- failure and checkpoints -------------------------------------------------------
+    def _diverged(self, epoch: int, step: int, steps: int, loss_sum: float) -> None:
+        """A non-finite loss: save the state beside the checkpoint, then stop the run."""
+        where = ""
+        if self.checkpoint_path is not None:
+            path = os.path.join(os.path.dirname(self.checkpoint_path), "diverged_state.pt")
+            self._loop = {**getattr(self, "_loop", {}), "diverged_at_step": step}
+            self.save_checkpoint(path)
+            where = f"; state saved to {path}"
+        raise TrainingDivergedError(
+            f"non-finite training loss ({loss_sum}) in steps {step - steps + 1}..{step} of "
+            f"epoch {epoch}; lower trainer.lr or set trainer.grad_clip{where}")
+
+    def state_dict(self) -> dict:
+        """Everything needed to go on after the last finished epoch, as tensors, numbers,
+        strings and lists only (loadable with ``torch.load(weights_only=True)``)."""
+        loop = dict(self._loop)
+        in_epoch = loop.pop("in_epoch", None)
+        nps = np.random.get_state()
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "gen": self.gen.get_state(), "val_gen": self.val_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": [nps[0], torch.from_numpy(nps[1].astype(np.int64)), int(nps[2]),
+                          int(nps[3]), float(nps[4])],
+            "python_rng": json.dumps(random.getstate()),
+            "policy": {k: v for k, v in vars(self.policy).items()
+                       if v is None or isinstance(v, (bool, int, float, str, torch.Tensor))},
+            "cache_refresh_s": self._refresh_timer.total(),
+            "all_values": [torch.from_numpy(a) for a in loop.pop("all_values", [])],
+            "all_kept": [torch.from_numpy(a) for a in loop.pop("all_kept", [])],
+            "loop": json.dumps(_jsonable(loop)),
+            "metrics_bytes": self.rec.metrics_bytes(),
+        }
+        if in_epoch is not None:  # a checkpoint inside an epoch (trainer.checkpoint_every)
+            state["in_epoch"] = {
+                "i": int(in_epoch["i"]), "order": torch.as_tensor(in_epoch["order"]).cpu(),
+                "stats": json.dumps(vars(in_epoch["stats"])),
+                "epoch_values": torch.from_numpy(self._epoch_values.copy()),
+                "epoch_kept": torch.from_numpy(self._epoch_kept.copy())}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write :meth:`state_dict` atomically (a kill never leaves a half-written file)."""
+        state = self.state_dict()
+        if self.dist.rank != 0:  # rank 0 writes for all (every rank holds the same state)
+            return
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_state_dict(self, state: dict) -> dict:
+        """Restore a :meth:`state_dict` (after :meth:`setup`); returns the loop's records."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["gen"])
+        self.val_gen.set_state(state["val_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = json.loads(state["python_rng"])
+        random.setstate((version, tuple(internal), gauss))
+        for k, v in state["policy"].items():
+            setattr(self.policy, k, v.to(self.device) if torch.is_tensor(v) else v)
+        self._refresh_timer.seconds = float(state["cache_refresh_s"])
+        loop = json.loads(state["loop"])
+        loop["all_values"] = [t.numpy() for t in state["all_values"]]
+        loop["all_kept"] = [t.numpy() for t in state["all_kept"]]
+        loop["last_eval"] = loop.get("last_eval") or {}
+        return loop
 
     def _evaluate(self) -> dict:
         out = {}

@@ -2,6 +2,8 @@
 (and the demo, and the tests) call."""
 from __future__ import annotations
 
+import json
+import os
 import random
 import time
 import traceback
@@ -16,7 +18,10 @@ from lai.estimators.registry import build_estimator
 from lai.models import build_model, build_tokenizer
 from lai.policies import build_policy_from_config
 from lai.train.loop import Trainer, peak_memory_mb
-from lai.train.records import RunRecorder, make_run_dir
+from lai.data.checksums import dataset_folders, verify_files
+from lai.train.distributed import init_from_env
+from lai.train.records import (NullRecorder, RunRecorder, completed_summary, config_hash,
+                               lock_run_dir, run_dir_for)
 from lai.train.two_round import run_two_round
 
 
@@ -52,16 +57,53 @@ def _wandb_run(cfg: DictConfig, run_dir):
                       name=run_dir.name, reinit=True)
 
 
+def _output_size(model: torch.nn.Module) -> int | None:
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return heads[-1].out_features if heads else None
+
+
+def check_classes(cfg: DictConfig, model: torch.nn.Module, data) -> None:
+    """A model built (or configured, ``model.num_classes``) for N classes on a dataset with M
+    classes is a :class:`ConfigError`, raised before anything is trained."""
+    if data.task != "classification":
+        return
+    want = cfg.model.get("num_classes")
+    if want is not None and int(want) != data.num_classes:
+        raise ConfigError(f"model.num_classes={want} but dataset {cfg.dataset.name} has "
+                          f"{data.num_classes} classes; remove the override or set it to "
+                          f"{data.num_classes}")
+    out = _output_size(model)
+    if out is not None and out != data.num_classes:
+        raise ConfigError(f"model {cfg.model.name} has a {out}-way output layer but dataset "
+                          f"{cfg.dataset.name} has {data.num_classes} classes")
+
+
 def run_experiment(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config; returns the summary (also on disk).
 
-    Raises :class:`ConfigError` / :class:`lai.data.MissingDataError` before anything is
-    trained when the config or the data is wrong.
+    Raises :class:`ConfigError` / :class:`lai.data.MissingDataError` /
+    :class:`lai.data.checksums.CorruptDataError` before anything is trained when the config
+    or the data is wrong. The run folder is named by the config's hash: a completed run is
+    not redone (its summary is returned), an interrupted one resumes from its checkpoint.
     """
     validate(cfg)
     device = resolve_device(cfg.device)
+    ranks = init_from_env(device)  # torchrun: data-parallel (lai/train/distributed.py)
+    if ranks.enabled:
+        check_data_parallel(cfg, ranks.world)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    identity = config_hash(cfg)
+    run_dir = run_dir_for(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
+                          seed=cfg.seed, identity=identity)
+    done = completed_summary(run_dir)
+    if done is not None:
+        print(f"already completed: {run_dir}", flush=True)
+        return done
     seed_everything(cfg.seed)
     data_dir = resolve_data_dir(cfg.data_dir)
+    verify_files(data_dir, dataset_folders(cfg.dataset.name))
     tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model) \
         if needs_tokenizer(cfg.dataset.name) else None
     t0 = time.perf_counter()
@@ -77,29 +119,73 @@ def run_experiment(cfg: DictConfig) -> dict:
 
     two_round = cfg.runner.name == "two_round"
     model = make_model()
+    check_classes(cfg, model, data)
     if not two_round:
+        cache = cfg.estimator.cache
+        if ranks.enabled and cache == "auto":
+            cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
         estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
-                                    output_layer=cfg.estimator.output_layer,
-                                    cache=cfg.estimator.cache)
+                                    output_layer=cfg.estimator.output_layer, cache=cache)
         policy = build_policy_from_config(cfg.policy)
 
-    run_dir = make_run_dir(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
-                           seed=cfg.seed)
-    recorder = RunRecorder(run_dir, cfg, _wandb_run(cfg, run_dir))
+    else:
+        estimator = policy = None
+    n_params = sum(p.numel() for p in model.parameters())
+    if two_round:
+        model = None  # each round builds its own
+    if ranks.rank != 0:  # rank 0 writes the run folder; the others train alongside
+        return _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model,
+                       device, estimator, policy, record=False)
+    lock = lock_run_dir(run_dir)  # held until this process ends
+    try:
+        return _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model,
+                       device, estimator, policy)
+    finally:
+        lock.close()
+
+
+def check_data_parallel(cfg: DictConfig, world: int) -> None:
+    """What a data-parallel (torchrun) run supports: ConfigError otherwise."""
+    if cfg.runner.name != "online":
+        raise ConfigError(f"runner={cfg.runner.name} runs in one process; torchrun with "
+                          f"{world} processes supports runner=online")
+    if cfg.estimator.name not in ("vanilla", "lai", "lli", "ghost", "spl"):
+        raise ConfigError(f"estimator={cfg.estimator.name} has no data-parallel cache")
+    if cfg.estimator.cache == "pairwise":
+        raise ConfigError("estimator.cache=pairwise cannot be summed over ranks: use folded")
+    if cfg.trainer.strategy != "one_pass" and cfg.estimator.name != "vanilla":
+        raise ConfigError("data-parallel runs need trainer.strategy=one_pass")
+
+
+def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model, device,
+            estimator, policy, record: bool = True) -> dict:
+    two_round = model is None
+    ckpt = run_dir / "checkpoint.pt"
+    resume = None
+    if not two_round and ckpt.is_file():
+        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
+        resume = torch.load(ckpt, map_location="cpu", weights_only=True)
+    recorder = RunRecorder(run_dir, cfg, _wandb_run(cfg, run_dir),
+                           metrics_bytes=resume["metrics_bytes"] if resume else 0) \
+        if record else NullRecorder()
     info = {"run_dir": str(run_dir), "device": str(device), "torch": torch.__version__,
             "data": data.info, "n_train": len(data.train), "n_val": len(data.val),
-            "n_test": len(data.test), "n_params": sum(p.numel() for p in model.parameters()),
-            "data_build_s": data_time}
+            "n_test": len(data.test), "n_params": n_params,
+            "data_build_s": data_time, "config_hash": identity,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if data.noisy is not None:
         info["train_noise_rate"] = float(np.mean(data.noisy))
-    recorder.log("start", **info)
+    recorder.log("resume" if resume else "start", **info,
+                 **({"from_epoch": json.loads(resume["loop"])["next_epoch"]} if resume else {}))
+    if resume and record:
+        print(f"resuming {run_dir} from its checkpoint", flush=True)
     try:
         if two_round:
-            del model  # each round builds its own
             summary = run_two_round(cfg, data, make_model, device, recorder)
         else:
             trainer = Trainer(model, data, estimator, policy, cfg.trainer, cfg.estimator,
-                              device, recorder, seed=cfg.seed, save_scores=cfg.save_scores)
+                              device, recorder, seed=cfg.seed, save_scores=cfg.save_scores,
+                              checkpoint_path=ckpt, resume_state=resume)
             summary = trainer.fit()
     except BaseException as e:  # keep what was measured; re-raise for the caller to see
         peak, kind = peak_memory_mb(device)
@@ -113,4 +199,6 @@ def run_experiment(cfg: DictConfig) -> dict:
                               runner=cfg.runner.name, seed=cfg.seed, **summary, **{k: v for k, v in info.items()
                                                            if k != "data"})
     recorder.close()
+    if record:
+        ckpt.unlink(missing_ok=True)  # completed: summary.json is the record from now on
     return result

@@ -71,11 +71,12 @@ def test_refresh_every_controls_cache_rebuilds(tiny_overrides, monkeypatch):
     assert len(calls) == -(-s["steps"] // 3)
 
 
-def test_same_config_twice_gives_two_folders(tiny_overrides, tmp_path):
-    for _ in range(2):
-        run_experiment(compose_cfg("dataset=digits_n", "estimator=vanilla", "trainer.max_steps=2",
-                                   *tiny_overrides))
-    assert len(run_dirs(tmp_path / "runs")) == 2
+def test_same_config_twice_is_run_once(tiny_overrides, tmp_path):
+    runs = [run_experiment(compose_cfg("dataset=digits_n", "estimator=vanilla",
+                                       "trainer.max_steps=2", *tiny_overrides))
+            for _ in range(2)]
+    assert runs[0] == runs[1]  # the second call returns the completed run's summary
+    assert len(run_dirs(tmp_path / "runs")) == 1
 
 
 def test_crash_leaves_a_failed_summary(tiny_overrides, tmp_path, monkeypatch):
@@ -94,7 +95,8 @@ def test_seeds_reproduce(tiny_overrides):
     a = run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=2",
                                    *tiny_overrides))
     b = run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=2",
-                                   *tiny_overrides))
+                                   "run_name=again", *tiny_overrides))  # its own folder
+    assert a["run_dir"] != b["run_dir"]
     assert a["samples_per_epoch"] == b["samples_per_epoch"]
     assert a["final_test_acc"] == b["final_test_acc"]
 
