@@ -131,7 +131,7 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
     fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"CreationDate": None})  # reproducible bytes: no timestamp
     plt.close(fig)
     return paths
 

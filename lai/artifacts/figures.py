@@ -197,5 +197,5 @@ def plot_fig1(fidelity: dict, out_stem: Path) -> list[Path]:
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_stem.parent / f"{out_stem.name}.png", out_stem.parent / f"{out_stem.name}.pdf"]
     fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"CreationDate": None})  # reproducible bytes: no timestamp
     return paths
