@@ -40,6 +40,9 @@ from lai.estimators.capture import preserved_buffers
 from lai.estimators.datainf import per_sample_gradient_chunks, trainable_named_parameters
 
 PROJ_BLOCK_ELEMS = 1 << 24  # entries of one generated block of P (64 MiB in float32)
+# P is kept between calls when it has at most this many entries (1 GiB in float32); larger
+# projections are regenerated block by block for every chunk (same numbers, less memory).
+PROJ_CACHE_ELEMS = 1 << 28
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,22 +70,38 @@ def _sample_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class _Projector:
     """Applies ``P = randn(num_params, k) / sqrt(k)`` to rows ``[c, num_params]``, generating
-    ``P`` in fixed blocks of rows from a generator reseeded at every call."""
+    ``P`` in fixed blocks of rows from a generator reseeded at every call. When ``P`` has at
+    most ``cache_elems`` entries its blocks are kept after the first call: generating P is
+    what dominates on a CPU, and the numbers are the same either way."""
 
     def __init__(self, num_params: int, k: int, seed: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, cache_elems: int | None = None):
         self.num_params, self.k, self.seed = num_params, k, int(seed)
         self.device, self.dtype = device, dtype
         self.rows = max(1, min(num_params, PROJ_BLOCK_ELEMS // k))
+        limit = PROJ_CACHE_ELEMS if cache_elems is None else cache_elems
+        self.cache: list[torch.Tensor] | None = [] if num_params * k <= limit else None
 
-    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+    def _blocks(self):
+        if self.cache:  # filled by an earlier call
+            yield from self.cache
+            return
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        out = torch.zeros(g.shape[0], self.k, dtype=self.dtype, device=self.device)
         for r0 in range(0, self.num_params, self.rows):
             r1 = min(self.num_params, r0 + self.rows)
             block = torch.randn(r1 - r0, self.k, generator=gen, device=self.device,
                                 dtype=self.dtype)
+            if self.cache is not None:
+                self.cache.append(block)
+            yield block
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(g.shape[0], self.k, dtype=self.dtype, device=self.device)
+        r0 = 0
+        for block in self._blocks():
+            r1 = r0 + block.shape[0]
             out.addmm_(g[:, r0:r1].to(self.dtype), block)
+            r0 = r1
         return out.div_(math.sqrt(self.k))
 
 
@@ -110,9 +129,12 @@ def trak_memory_estimate(n_train: int, proj_dim: int, chunk_size: int, num_param
                          itemsize: int = 4) -> int:
     """Bytes TRAK holds at its peak: ``Phi [N, k]``, ``K [k, k]`` (float64), a chunk of
     per-sample gradients ``[chunk, P]`` (twice: torch.func's output and its flattened copy)
-    and one generated block of ``P``."""
+    and ``P``: all of it when it is small enough to be kept (``PROJ_CACHE_ELEMS``), else one
+    generated block."""
     rows = max(1, min(num_params, PROJ_BLOCK_ELEMS // proj_dim))
-    return int(itemsize * (n_train * proj_dim + 2 * chunk_size * num_params + rows * proj_dim)
+    p_elems = num_params * proj_dim if num_params * proj_dim <= PROJ_CACHE_ELEMS \
+        else rows * proj_dim
+    return int(itemsize * (n_train * proj_dim + 2 * chunk_size * num_params + p_elems)
                + 8 * proj_dim * proj_dim)
 
 
