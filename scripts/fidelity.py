@@ -77,6 +77,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from lai import value  # noqa: E402
 from lai.batching import Batch, forward_logits, per_sample_loss  # noqa: E402
 from lai.config import register_configs  # noqa: E402
+from lai.artifacts.paper_values import FIG1  # noqa: E402
 from lai.data import build_data, resolve_data_dir  # noqa: E402
 from lai.errors import MissingDataError, MissingModelError, MissingResourceError  # noqa: E402
 from lai.fidelity.shapley import (SGDStepGame, gpt_neo_val_loss, pearson,  # noqa: E402
@@ -86,7 +87,6 @@ from lai.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 PROXIES = ("lai", "ghost", "lli")
 BATCH = 16  # samples valued per checkpoint (paper §5.1)
-PAPER = {"lai": {"mean": 0.9617, "std": 0.0217}, "ghost": {"mean": 0.9038, "std": 0.1463}}
 SCALES = {
     "reduced": {"model": "gpt_neo", "steps": 1000, "every": 50, "permutations": 200,
                 "lr": 0.01, "val_size": 32},
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "checkpoints": rows,
         "summary": summarize(rows),
-        "paper": PAPER,
+        "paper": FIG1,
     }
     result["settings"]["wall_s"] = time.perf_counter() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,19 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture
+def float64_seeded():
+    """float64 default dtype and seed 0 for the test, then the old dtype back: the exactness
+    tests compare against brute force at 1e-6 and need the headroom."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     """Overrides that keep an end-to-end run to seconds and write into tmp_path."""
     return [f"results_dir={tmp_path / 'runs'}", "trainer.progress=false", "device=cpu"]

@@ -17,19 +17,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from lai.artifacts.paper_values import FIG1  # the paper's values, when the JSON has none
+from lai.fidelity.shapley import pearson
+
 PROXIES = ("lai", "ghost", "lli")
 LABELS = {"lai": "LAI", "ghost": "Ghost", "lli": "LLI"}
 COLORS = {"lai": "tab:blue", "ghost": "tab:orange", "lli": "tab:green"}
-# the paper's Figure 1 (GPT-Neo-125M, 10,000 steps, 100 checkpoints, 1,000 permutations);
-# used when the JSON carries no "paper" entry
-PAPER_FIG1 = {"lai": {"mean": 0.9617, "std": 0.0217}, "ghost": {"mean": 0.9038, "std": 0.1463}}
-
-
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _z(x) -> np.ndarray:
@@ -40,7 +33,7 @@ def _z(x) -> np.ndarray:
 
 def _checkpoint_r(row: dict, proxy: str) -> float:
     stored = (row.get("pearson") or {}).get(proxy)
-    return float(stored) if stored is not None else _pearson(row[proxy], row["shapley"])
+    return float(stored) if stored is not None else pearson(row[proxy], row["shapley"])
 
 
 def describe_scale(fidelity: dict) -> str:
@@ -98,7 +91,7 @@ def plot_fig1(fidelity: dict, out_stem: Path) -> list[Path]:
     total = fidelity.get("settings", {}).get("steps") or rows[-1]["step"]
     steps = np.array([r["step"] for r in rows])
     corr = {m: np.array([_checkpoint_r(r, m) for r in rows]) for m in proxies}
-    paper = fidelity.get("paper") or PAPER_FIG1
+    paper = fidelity.get("paper") or FIG1
 
     fig = Figure(figsize=(15, 8.6))
     grid = fig.add_gridspec(2, 4, height_ratios=(1, 1.05), hspace=0.42, wspace=0.28,

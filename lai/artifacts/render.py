@@ -22,20 +22,30 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+def mean_std(values) -> tuple[float, float, int]:
+    """``(mean, sample std (ddof=1), n)`` of the finite values; NaN std when n < 2, NaN mean
+    when n == 0. The paper's ± is the std over its 5 runs."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, math.nan, 1
+    return mean, (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5, len(vals)
+
+
 def fmt_mean_std(values, scale: float = 1.0, digits: int = 2, expected_n: int | None = None) -> str:
     """``mean ± std`` of the finite values times ``scale``; ``-`` when there are none.
     The std is the sample standard deviation (ddof=1), as for the paper's 5 runs. ``(n=k)``
     is appended when k differs from ``expected_n`` (always when ``expected_n`` is None and
     k == 1, since a single run has no spread)."""
-    vals = [float(v) * scale for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
+    mean, std, n = mean_std([None if v is None else float(v) * scale for v in values])
+    if n == 0:
         return "-"
-    mean = sum(vals) / len(vals)
-    tag = f" (n={len(vals)})" if (expected_n is not None and len(vals) != expected_n) or \
-        (expected_n is None and len(vals) == 1) else ""
-    if len(vals) == 1:
+    tag = f" (n={n})" if (expected_n is not None and n != expected_n) or \
+        (expected_n is None and n == 1) else ""
+    if n == 1:
         return f"{mean:.{digits}f}{tag}"
-    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
     return f"{mean:.{digits}f} ± {std:.{digits}f}{tag}"
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from lai.artifacts import paper_values as P
 from lai.artifacts.collect import find_artifact_runs, scale_note
-from lai.artifacts.render import Table, fmt_mean_std
+from lai.artifacts.render import Table, fmt_mean_std, mean_std
 
 OURS = "ours†"
 
@@ -27,14 +27,6 @@ def _completed(df: pd.DataFrame) -> pd.DataFrame:
 def _long(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["table", "row", "column", "source", "scale", "mean",
                                        "std", "n"])
-
-
-def _stats(values) -> tuple[float, float, int]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return math.nan, math.nan, 0
-    return (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
-            len(vals))
 
 
 # ---- Table 1 -----------------------------------------------------------------------------
@@ -59,7 +51,7 @@ def table1(results: Path) -> tuple[Table, pd.DataFrame]:
                                                                  g["samples_removed"])]
         for key, digits in (("ppl_half", 4), ("ppl_end", 4), ("removed", 1), ("sample", 4)):
             cells.append(fmt_mean_std(vals.get(key, []), digits=digits))
-            m, s, n = _stats(vals.get(key, []))
+            m, s, n = mean_std(vals.get(key, []))
             long.append({"table": 1, "row": method, "column": key, "source": "ours",
                          "scale": scale, "mean": m, "std": s, "n": n})
             paper = P.TABLE1[method][key]
@@ -107,7 +99,7 @@ def table2(results: Path) -> tuple[Table, pd.DataFrame]:
             cells = []
             for key, digits in (("samples", 0), ("val_loss", 4), ("test_acc", 1)):
                 cells.append(fmt_mean_std(vals[key], digits=digits))
-                m, s, n = _stats(vals[key])
+                m, s, n = mean_std(vals[key])
                 long.append({"table": 2, "row": f"{ds}/{method}", "column": key,
                              "source": "ours", "scale": scale, "mean": m, "std": s, "n": n})
                 paper = P.TABLE2[method][key][ds]
@@ -146,7 +138,7 @@ def table3(results: Path) -> tuple[Table, pd.DataFrame]:
                 err = str(failed.iloc[0].get("error", ""))
                 text = "OOM" if "memory" in err.lower() else "failed"
             cells.append(text)
-            m, s, n = _stats(accs)
+            m, s, n = mean_std(accs)
             if n:
                 our_means.append(m)
             long.append({"table": 3, "row": method, "column": ds, "source": "ours",

@@ -75,3 +75,16 @@ def lm_batch(n: int, t: int, vocab: int, seed: int) -> dict:
     labels[:, :-1] = b["input_ids"][:, 1:]
     labels[:, :-1][b["attention_mask"][:, 1:] == 0] = -100
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+
+def tiny_bert_classifier(layers: int, vocab: int = 40, classes: int = 3) -> nn.Module:
+    """A random-init HF ``BertForSequenceClassification`` (hidden 8, 2 heads) in eval mode;
+    skips the test when transformers is missing."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=8, num_hidden_layers=layers,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=32, num_labels=classes,
+                                  attn_implementation="eager")
+    return transformers.BertForSequenceClassification(cfg).eval()

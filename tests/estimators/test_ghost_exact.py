@@ -7,7 +7,8 @@ import torch
 from lai import pairwise, value
 from tests.estimators import brute
 from tests.estimators.brute import rel_err, strip
-from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch, lm_batch
+from tests.estimators.nets import (CNN, MLP, PaddedTransformer, lm_batch, tiny_bert_classifier,
+                                   token_batch)
 
 REL = 1e-6
 
@@ -54,12 +55,7 @@ def test_transformer_with_padding_embedding_layernorm_free_parameter():
 
 
 def test_bert_tiny_sequence_classification():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=16,
-                                  max_position_embeddings=32, num_labels=3,
-                                  attn_implementation="eager")
-    model = transformers.BertForSequenceClassification(cfg).eval()
+    model = tiny_bert_classifier(layers=2)
     check(model, token_batch(4, 8, 40, 3, 3), token_batch(3, 8, 40, 3, 4), True)
 
 

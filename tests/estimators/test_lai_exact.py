@@ -8,7 +8,7 @@ from torch import nn
 from lai import value
 from tests.estimators import brute
 from tests.estimators.brute import rel_err
-from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
+from tests.estimators.nets import CNN, MLP, PaddedTransformer, tiny_bert_classifier, token_batch
 
 REL = 1e-6
 
@@ -94,12 +94,7 @@ def test_lli_transformer_with_padding_torch_func():
 
 
 def test_hf_bert_sequence_classification_lai_and_lli():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=16,
-                                  max_position_embeddings=32, num_labels=3,
-                                  attn_implementation="eager")
-    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    model = tiny_bert_classifier(layers=1).double()
     tr, va = token_batch(4, 7, 40, 3, seed=5), token_batch(3, 10, 40, 3, seed=6)
     names = linear_conv_names(model)
     ref = brute.lai_pairwise(

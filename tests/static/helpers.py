@@ -1,7 +1,6 @@
 """Shared helpers for the static-estimator tests (float64, CPU)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lai.batching import Batch
@@ -33,11 +32,3 @@ def assert_unchanged(model, before: dict) -> None:
         assert torch.equal(t, before[k]), k
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Imported by each static test module: float64 default dtype and a fixed seed."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)

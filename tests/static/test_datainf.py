@@ -8,8 +8,10 @@ from torch import nn
 from lai.estimators.datainf import datainf_values, parameter_blocks
 from tests.estimators import brute
 from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
-from tests.static.helpers import (assert_unchanged, float64_default, rel_err,  # noqa: F401
+from tests.static.helpers import (assert_unchanged, rel_err,
                                   snapshot, split)
+
+pytestmark = pytest.mark.usefixtures("float64_seeded")  # exactness needs float64
 
 REL = 1e-6
 

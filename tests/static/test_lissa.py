@@ -8,8 +8,10 @@ from torch import nn
 from lai.estimators.lissa import hessian_vector_product, lissa_values
 from tests.estimators import brute
 from tests.estimators.nets import CNN
-from tests.static.helpers import (assert_unchanged, float64_default, rel_err,  # noqa: F401
+from tests.static.helpers import (assert_unchanged, rel_err,
                                   snapshot, split)
+
+pytestmark = pytest.mark.usefixtures("float64_seeded")  # exactness needs float64
 
 
 def softmax_regression_setup(seed: int = 0):

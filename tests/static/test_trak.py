@@ -11,8 +11,10 @@ from torch import nn
 from lai.estimators.trak import margins, trak_values
 from tests.estimators import brute
 from tests.estimators.nets import MLP
-from tests.static.helpers import (assert_unchanged, float64_default, rel_err,  # noqa: F401
+from tests.static.helpers import (assert_unchanged, rel_err,
                                   snapshot, split)
+
+pytestmark = pytest.mark.usefixtures("float64_seeded")  # exactness needs float64
 
 
 def margin_ref(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
