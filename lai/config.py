@@ -67,6 +67,7 @@ class EstimatorConfig:
     output_layer: Optional[str] = None  # module name of the output layer; None = last nn.Linear
     self_influence: bool = False  # V = the current training batch (pre-training, no val set)
     precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
+    ghost_mode: str = "auto"  # ghost: auto | forward | probe (lai/estimators/ghost.py)
     # static estimators (runner=two_round): ip | lissa | datainf | trak
     damping: Optional[float] = None  # lissa: lambda (None -> 0.01); datainf: None = its rule
     lissa_scale: float = 10.0  # LiSSA: must exceed the top eigenvalue of H + lambda I
@@ -81,7 +82,7 @@ class EstimatorConfig:
 class PolicyConfig:
     """What to do with the values: weights per sample (0/1 for filtering)."""
 
-    name: str = "threshold"  # threshold | percentile | mean_std | reweight | spl
+    name: str = "threshold"  # threshold | percentile | mean_std | reweight | spl | score_only
     threshold: float = 0.0  # threshold: keep samples with value >= threshold
     start_epoch: int = 0  # warm-up: epochs (0-based) before this one train on every sample
     keep_fraction: float = 0.5  # percentile: keep the top q of each batch
@@ -180,10 +181,11 @@ _CHOICES = {
     "estimator.name": ("vanilla", "lai", "lli", "ghost", "spl", "ip", "lissa", "datainf",
                        "trak"),
     "estimator.precondition": ("none", "adam"),
+    "estimator.ghost_mode": ("auto", "forward", "probe"),
     "trainer.strategy": ("one_pass", "two_pass"),
     "estimator.cache": ("auto", "folded", "pairwise"),
     "estimator.val_mode": ("eval", "train"),
-    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl"),
+    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl", "score_only"),
     "runner.name": ("online", "two_round"),
     "trainer.optimizer": ("sgd", "adam", "adamw"),
     "trainer.schedule": ("constant", "cosine", "linear"),
@@ -197,6 +199,14 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _keeps_all(policy_cfg: Any) -> bool:
+    """The policy gives every sample weight 1 whatever the values (scoring only)."""
+    name = policy_cfg.name
+    return (name == "score_only"
+            or (name == "threshold" and float(policy_cfg.threshold) == float("-inf"))
+            or (name == "percentile" and float(policy_cfg.keep_fraction) >= 1.0))
 
 
 def validate(cfg: Any) -> None:
@@ -231,6 +241,11 @@ def validate(cfg: Any) -> None:
                           f"got estimator={est} policy={pol}")
     if cfg.estimator.precondition == "adam" and cfg.trainer.optimizer not in ("adam", "adamw"):
         raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
+    if cfg.estimator.ghost_mode == "probe" and est == "ghost" and not (
+            cfg.trainer.strategy == "one_pass" and _keeps_all(cfg.policy)):
+        raise ConfigError("estimator.ghost_mode=probe gives values only after the backward: it "
+                          "needs trainer.strategy=one_pass and a policy that keeps every sample "
+                          "(policy=score_only); use ghost_mode=auto or forward to filter")
     if (cfg.estimator.precondition == "adam" or cfg.estimator.self_influence) and \
             est not in ("lai", "lli", "ghost"):
         raise ConfigError("estimator.precondition / self_influence apply to lai, lli and ghost")

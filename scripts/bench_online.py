@@ -25,11 +25,17 @@ Measured per method:
   of a vanilla step, and added to the step for the per-step cost at ``refresh_every=1``
   (Ghost's exact form needs a fresh validation gradient every step, so its target uses that).
 
-Two more rows time a LAI step with filtering: ``lai+filter`` (one pass, keeping the top half
-of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring, then forward and backward
-on the kept half only). ``ghost/2pass`` is Ghost with its forward-mode pass under no_grad
-(nothing of it is kept for the backward: the low-memory form), then a plain forward and
-backward of the whole batch.
+The scoring rows use ``policy=score_only`` (every sample trains with weight 1). Ghost has
+three rows: ``ghost`` is the form the trainer picks for that policy (``ghost_mode=auto``: the
+probe form, values from the training backward, unless the model has train-mode BatchNorm,
+where only forward mode is exact per sample; the row's ``ghost_form`` says which);
+``ghost/forward`` and ``ghost/probe`` force one form (``ghost/probe`` on a train-mode
+BatchNorm model gives the per-route values, see ``lai/estimators/ghost_probe.py``: timed for
+comparison only). Two more rows time a LAI step with filtering: ``lai+filter`` (one pass,
+keeping the top half of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring,
+then forward and backward on the kept half only). ``ghost/2pass`` is Ghost with its
+forward-mode pass under no_grad (nothing of it is kept for the backward: the low-memory
+form), then a plain forward and backward of the whole batch.
 
 Speed settings (the Trainer's own options, recorded in the JSON): ``--precision`` (default
 ``auto``: bf16 autocast on CUDA, fp32 on CPU), ``--channels-last`` (default ``auto``: on for
@@ -74,12 +80,13 @@ from lai.train.syncs import DeviceWork  # noqa: E402
 TARGETS = {  # issue 6: (row, metric, bound)
     "LAI score-only step": ("lai", "time_ratio", 1.15),
     "LAI filtering epoch (two-pass, half dropped)": ("lai+filter/2pass", "time_ratio", 1.0),
-    # exact Ghost needs g_V of the current model: a validation backward every step
-    "Ghost step incl. its per-step refresh": ("ghost", "total_ratio", 1.5),
+    # the Ghost step with its validation gradient refreshed separately, as LAI's cache is
+    "Ghost score-only step (form the trainer picks)": ("ghost", "time_ratio", 1.5),
+    # the in-run form: g_V of the current model, a validation backward every step
+    "Ghost step incl. a refresh every step": ("ghost", "total_ratio", 1.5),
     "LAI peak memory": ("lai", "mem_ratio", 1.05),
     "Ghost peak memory": ("ghost", "mem_ratio", 1.3),
     "Ghost peak memory (two-pass form)": ("ghost/2pass", "mem_ratio", 1.3),
-    "Ghost step incl. refresh (two-pass form)": ("ghost/2pass", "total_ratio", 1.5),
 }
 
 
@@ -159,12 +166,13 @@ def bench_method(setup: str, method: str, device: torch.device, steps: int, warm
     est_name = method.split("+")[0].split("/")[0]
     filtering = "+filter" in method
     two_pass = method.endswith("/2pass")
+    ghost_mode = method.split("/")[1] if method in ("ghost/forward", "ghost/probe") else "auto"
     tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
                          strategy="two_pass" if two_pass else "one_pass", **speed)
     ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
-    est = build_estimator(est_name)
+    est = build_estimator(est_name, ghost_mode=ghost_mode)
     policy = (build_policy("percentile", keep_fraction=0.5) if filtering
-              else build_policy("threshold", threshold=-float("inf")))
+              else build_policy("score_only"))
     tr = Trainer(model, data, est, policy, tcfg, ecfg, device, _NullRecorder())
     tr.setup(10_000)
     scoring = est_name != "vanilla"
@@ -213,7 +221,8 @@ def bench_method(setup: str, method: str, device: torch.device, steps: int, warm
     result = {"step_ms": statistics.median(times), "step_ms_all": times,
               "gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
               "refresh_ms": refresh_ms, "batch": b, "n_val": n_val,
-              "ops": work.ops, "syncs": dict(work.syncs)}
+              "ops": work.ops, "syncs": dict(work.syncs),
+              "ghost_form": getattr(est, "active_mode", None)}
     del tr, model, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -232,8 +241,8 @@ def main() -> None:
                     help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
-    ap.add_argument("--methods", default="vanilla,lai,lli,ghost,ghost/2pass,lai+filter,"
-                                         "lai+filter/2pass")
+    ap.add_argument("--methods", default="vanilla,lai,lli,ghost,ghost/forward,ghost/probe,"
+                                         "ghost/2pass,lai+filter,lai+filter/2pass")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -280,7 +289,9 @@ def main() -> None:
             # cost per step with refresh_every=1 (the paper's setting)
             r["total_ratio"] = r["time_ratio"] + (r["refresh_over_step"] or 0.0)
             f = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
-            print(f"| {setup} | {m} | {r['step_ms']:.1f} | {r['time_ratio']:.2f} | "
+            form = r.get("ghost_form") if m.startswith("ghost") else None
+            label = f"{m} [{form}]" if form else m
+            print(f"| {setup} | {label} | {r['step_ms']:.1f} | {r['time_ratio']:.2f} | "
                   f"{r['gflop']:.2f} | {f(r['gflop_ratio'], '.2f')} | "
                   f"{f(r['peak_mem_mb'], '.0f')} | {f(r['mem_ratio'], '.2f')} | "
                   f"{f(r['refresh_ms'], '.1f')} | {f(r['refresh_over_step'], '.2f')} | "

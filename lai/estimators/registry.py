@@ -22,8 +22,10 @@ def unsupported(method: str) -> ValueError:
 
 
 def build_estimator(method: str, *, layers: str | None = None, output_layer: str | None = None,
-                    cache: str = "auto", chunk_size: int = 512) -> OnlineEstimator:
-    """An online estimator by name. ``layers`` applies to ``lai`` (default ``all``)."""
+                    cache: str = "auto", chunk_size: int = 512,
+                    ghost_mode: str = "auto") -> OnlineEstimator:
+    """An online estimator by name. ``layers`` applies to ``lai`` (default ``all``),
+    ``ghost_mode`` (auto | forward | probe) to ``ghost``."""
     if method == "vanilla":
         return VanillaEstimator()
     if method == "lai":
@@ -34,7 +36,7 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
                              f"layers={layers!r} instead")
         return LAIEstimator("lli", output_layer, cache, chunk_size)
     if method == "ghost":
-        return GhostEstimator(chunk_size)
+        return GhostEstimator(chunk_size, mode=ghost_mode)
     if method == "spl":
         return SPLEstimator()
     raise unsupported(method)

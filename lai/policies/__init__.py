@@ -4,8 +4,9 @@ from lai.policies.factory import POLICIES, build_policy, build_policy_from_confi
 from lai.policies.mean_std import MeanStdPolicy
 from lai.policies.percentile import PercentilePolicy
 from lai.policies.reweight import ReweightPolicy
+from lai.policies.score_only import ScoreOnlyPolicy
 from lai.policies.spl import SPLPolicy
 from lai.policies.threshold import ThresholdPolicy
 
 __all__ = ["Policy", "ThresholdPolicy", "PercentilePolicy", "MeanStdPolicy", "ReweightPolicy",
-           "SPLPolicy", "POLICIES", "build_policy", "build_policy_from_config"]
+           "SPLPolicy", "ScoreOnlyPolicy", "POLICIES", "build_policy", "build_policy_from_config"]

@@ -33,6 +33,9 @@ class Policy(ABC):
     # which needs the count on the host (one sync per step); a policy that can never drop a
     # whole batch says False and its steps run without any host sync.
     may_drop_all: bool = True  # class default; a policy may set it per instance
+    # every sample gets weight 1 whatever its value (scoring without curation): the trainer
+    # may then take values that exist only after the backward (Ghost's probe form)
+    keeps_all_unweighted: bool = False
 
     def __init__(self, start_epoch: int = 0):
         if isinstance(start_epoch, float) and not float(start_epoch).is_integer():

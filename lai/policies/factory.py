@@ -9,12 +9,14 @@ from lai.policies.base import Policy
 from lai.policies.mean_std import MeanStdPolicy
 from lai.policies.percentile import PercentilePolicy
 from lai.policies.reweight import ReweightPolicy
+from lai.policies.score_only import ScoreOnlyPolicy
 from lai.policies.spl import SPLPolicy
 from lai.policies.threshold import ThresholdPolicy
 
 POLICIES: Dict[str, Type[Policy]] = {
     cls.name: cls
-    for cls in (ThresholdPolicy, PercentilePolicy, MeanStdPolicy, ReweightPolicy, SPLPolicy)
+    for cls in (ThresholdPolicy, PercentilePolicy, MeanStdPolicy, ReweightPolicy, SPLPolicy,
+                ScoreOnlyPolicy)
 }
 CONFIG_FIELDS = tuple(f.name for f in fields(PolicyConfig) if f.name != "name")
 

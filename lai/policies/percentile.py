@@ -34,6 +34,7 @@ class PercentilePolicy(Policy):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"policy.keep_fraction must be in (0, 1], got {keep_fraction!r}")
         self.keep_fraction = q
+        self.keeps_all_unweighted = q >= 1.0
 
     def fixed_kept(self, batch_size: int) -> int:
         return keep_count(self.keep_fraction, batch_size)

@@ -24,6 +24,7 @@ class ThresholdPolicy(Policy):
             raise ValueError("policy.threshold must not be NaN")
         # threshold -inf keeps every (finite) value: scoring only, nothing to wait for
         self.may_drop_all = self.threshold > -math.inf
+        self.keeps_all_unweighted = not self.may_drop_all
 
     def fixed_kept(self, batch_size: int) -> int | None:
         return None if self.may_drop_all else batch_size

@@ -229,15 +229,30 @@ class Trainer:
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
         weights); optimizer step."""
+        self._backward(losses, weights)
+        self._optimizer_step()
+
+    def _backward(self, losses: torch.Tensor,
+                  weights: torch.Tensor | None) -> torch.Tensor | float:
+        """Backward of the weighted mean of ``losses`` (gradients not yet summed over ranks);
+        returns each sample's coefficient in the loss (``[B]``, or a number when shared)."""
         if self.dist.enabled:  # the one-process weighted mean, once gradients are summed
             total = losses.sum() if weights is None else (weights * losses).sum()
             denom = (weights.detach().sum() if weights is not None
                      else losses.new_tensor(float(losses.shape[0])))
-            loss = total / self.dist.sum_(denom.clone())
+            denom = self.dist.sum_(denom.clone())
+            loss = total / denom
+            coef = 1.0 / denom if weights is None else weights.detach() / denom
+        elif weights is None:
+            loss, coef = losses.mean(), 1.0 / losses.shape[0]
         else:
-            loss = losses.mean() if weights is None else (weights * losses).sum() / weights.sum()
+            denom = weights.sum()
+            loss, coef = (weights * losses).sum() / denom, weights.detach() / denom.detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        return coef
+
+    def _optimizer_step(self) -> None:
         dist_mod.sum_gradients(self.model, self.dist)
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -267,11 +282,17 @@ class Trainer:
         self.model.train()
         values = weights = keep = None
         two_pass = score_now and self.cfg.strategy == "two_pass"
+        # values that exist only after the training backward (Ghost's probe form)
+        late = score_now and getattr(self.est, "scores_after_backward", False)
         if score_now and self.self_influence:
             self._refresh(batch)
         if not score_now:
             with self._autocast():
                 logits = forward_logits(self.fwd_model, batch.inputs)
+        elif late:
+            with self.est.capture(self.model, batch) as cap:
+                with self._autocast():
+                    logits = forward_logits(self.model, batch.inputs)
         else:
             logits, values = self._score(batch, grad=not two_pass)
         # computed once: it feeds the backward (one pass) and the record
@@ -281,7 +302,13 @@ class Trainer:
         if values is not None:
             weights = self.policy.select(values, step, epoch)
             keep = weights > 0
-        if two_pass:  # forward + backward on the kept samples only
+        if late:  # every sample trains with weight 1 (planned so): backward, then the values
+            cap.row_scale = self._backward(losses, None)
+            values = self.est.score(cap)
+            self._optimizer_step()
+            keep = torch.ones(b, dtype=torch.bool, device=values.device)
+            p.kept_host += b
+        elif two_pass:  # forward + backward on the kept samples only
             rows = self._kept_rows(keep)
             sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
             if len(sub) > 0:
@@ -362,6 +389,14 @@ class Trainer:
         self.opt = build_optimizer(self.model, self.cfg)
         if hasattr(self.est, "bind_optimizer"):
             self.est.bind_optimizer(self.model, self.opt, self.ecfg.precondition)
+        if hasattr(self.est, "plan"):  # Ghost: probe form when values may come after backward
+            was_training = self.model.training
+            self.model.train()  # the mode the steps run in (BatchNorm coupling is checked)
+            try:
+                self.est.plan(self.model, values_before_backward=not (
+                    self.cfg.strategy == "one_pass" and self.policy.keeps_all_unweighted))
+            finally:
+                self.model.train(was_training)
         self.sched = build_scheduler(self.opt, self.cfg, total_steps)
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(self.device)

@@ -203,7 +203,8 @@ def test_bad_parameters_raise(cls, kwargs):
 
 # ---- factory ----------------------------------------------------------------------------
 def test_build_policy_names_and_old_signature():
-    assert set(POLICIES) == {"threshold", "percentile", "mean_std", "reweight", "spl"}
+    assert set(POLICIES) == {"threshold", "percentile", "mean_std", "reweight", "spl",
+                             "score_only"}
     p = build_policy("threshold", threshold=0.5, start_epoch=2)
     assert isinstance(p, ThresholdPolicy) and (p.threshold, p.start_epoch) == (0.5, 2)
     # the runner passes threshold to every policy: irrelevant fields are ignored
@@ -215,6 +216,20 @@ def test_build_policy_names_and_old_signature():
         build_policy("nope")
     with pytest.raises(TypeError, match="keep_fracton"):
         build_policy("percentile", keep_fracton=0.3)
+
+
+def test_which_policies_keep_every_sample_unweighted():
+    """The trainer may read values after the backward only for these (Ghost's probe form)."""
+    v = torch.tensor([-3.0, 0.5, 2.0])
+    for name, kw, keeps in [("score_only", {}, True), ("threshold", {"threshold": -math.inf}, True),
+                            ("threshold", {"threshold": 0.0}, False),
+                            ("percentile", {"keep_fraction": 1.0}, True),
+                            ("percentile", {"keep_fraction": 0.5}, False),
+                            ("reweight", {}, False), ("mean_std", {}, False)]:
+        p = build_policy(name, **kw)
+        assert p.keeps_all_unweighted == keeps, (name, kw)
+        if keeps:  # the promise holds: weight 1 everywhere, whatever the values
+            assert torch.equal(p.select(v, 0, 0), torch.ones(3)), (name, kw)
 
 
 def test_constructor_defaults_match_policy_config():

@@ -47,9 +47,13 @@ def _worker(rank: int, world: int, init: str, cfgs: dict, out: str) -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    cfgs = {est: compose_cfg("dataset=digits_n", f"estimator={est}", "trainer.max_steps=4",
-                             "trainer.progress=false", "trainer.log_every=2", "device=cpu")
-            for est in ("lai", "ghost")}
+    # ghost + score_only runs Ghost's probe form: values read after the backward, each rank
+    # rescaling by the global loss coefficient
+    runs = {"lai": ("estimator=lai",), "ghost": ("estimator=ghost",),
+            "ghost_probe": ("estimator=ghost", "policy=score_only")}
+    cfgs = {name: compose_cfg("dataset=digits_n", *over, "trainer.max_steps=4",
+                              "trainer.progress=false", "trainer.log_every=2", "device=cpu")
+            for name, over in runs.items()}
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, f"file://{tmp_path / 'pg'}", cfgs, out), nprocs=2, join=True)

@@ -1,0 +1,169 @@
+"""Ghost's probe form (values from the training backward) against torch.func per-sample
+gradients and against the forward-mode form; when it applies; the sum-rule check. The trainer
+running it: tests/train/test_ghost_score_only.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lai import value
+from lai.batching import as_batch
+from lai.estimators.ghost import GhostEstimator
+from tests.estimators import brute
+from tests.estimators.brute import rel_err, strip
+from tests.estimators.nets import (CNN, MLP, PaddedTransformer, lm_batch, tiny_bert_classifier,
+                                   token_batch)
+
+REL = 1e-6
+
+
+def probe(model, tr, va, **kw) -> torch.Tensor:
+    est = GhostEstimator(mode="probe", **kw)
+    est.refresh(model, as_batch(va))
+    return est.probe_values(model, as_batch(tr))
+
+
+def check_against_brute_force(model, tr, va, kwargs: bool) -> None:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if kwargs:
+        gt = brute.per_sample_grads(model, names, strip(tr), tr["labels"], True)
+        gv = brute.per_sample_grads(model, names, strip(va), va["labels"], True)
+    else:
+        gt = brute.per_sample_grads(model, names, tr[0], tr[1])
+        gv = brute.per_sample_grads(model, names, va[0], va[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    v = probe(model, tr, va)
+    ref = gt @ gv.sum(0)
+    assert rel_err(v, ref) < REL
+    assert rel_err(v, value(model, tr, va, method="ghost")) < REL  # = the forward-mode form
+    for p in model.parameters():
+        assert p.grad is None  # its own backward leaves the user's .grad alone
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_mlp():
+    check_against_brute_force(MLP(), (torch.randn(7, 12), torch.randint(0, 5, (7,))),
+                              (torch.randn(4, 12), torch.randint(0, 5, (4,))), False)
+
+
+def test_cnn_strided_dilated_grouped_bias_free_conv_batchnorm_eval():
+    model = CNN()
+    model.train()
+    model(torch.randn(16, 3, 10, 10))  # non-trivial running statistics
+    model.eval()
+    check_against_brute_force(model, (torch.randn(6, 3, 10, 10), torch.randint(0, 4, (6,))),
+                              (torch.randn(3, 3, 10, 10), torch.randint(0, 4, (3,))), False)
+
+
+def test_bert_embeddings_broadcast_position_embedding_layernorm():
+    check_against_brute_force(tiny_bert_classifier(layers=2), token_batch(4, 8, 40, 3, 3),
+                              token_batch(3, 8, 40, 3, 4), True)
+
+
+def test_gpt_neo_tied_lm_head():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoConfig(vocab_size=40, hidden_size=8, num_layers=2, num_heads=2,
+                                    attention_types=[[["global", "local"], 1]],
+                                    max_position_embeddings=32, intermediate_size=16,
+                                    window_size=4, attn_implementation="eager",
+                                    bos_token_id=None, eos_token_id=None)
+    model = transformers.GPTNeoForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    check_against_brute_force(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True)
+
+
+def test_hf_conv1d_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=1, n_head=2, n_positions=32,
+                                  num_labels=3, pad_token_id=0, attn_implementation="eager")
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    check_against_brute_force(model, token_batch(4, 8, 40, 3, 7), token_batch(3, 8, 40, 3, 8),
+                              True)
+
+
+def test_frozen_parameters_and_group_and_rms_norm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+            self.gn = nn.GroupNorm(2, 4)
+            self.fc = nn.Linear(4, 6)
+            self.rms = nn.RMSNorm(6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.gn(self.c(x))).mean(dim=(2, 3))
+            return self.head(self.rms(torch.tanh(self.fc(h))))
+
+    model = Net()
+    model.c.weight.requires_grad_(False)  # a module whose bias alone trains
+    model.fc.bias.requires_grad_(False)
+    check_against_brute_force(model, (torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))),
+                              (torch.randn(3, 3, 6, 6), torch.randint(0, 3, (3,))), False)
+
+
+def test_train_mode_dropout_equals_forward_mode():
+    """Dropout draws per element, so samples stay independent: same values as forward mode
+    under the same random masks."""
+    model = tiny_bert_classifier(layers=2).train()  # dropout 0.1 on hidden and attention
+    tr, va = as_batch(token_batch(5, 8, 40, 3, 11)), as_batch(token_batch(3, 8, 40, 3, 12))
+    est_p, est_f = GhostEstimator(mode="probe"), GhostEstimator(mode="forward")
+    torch.manual_seed(1)
+    est_p.refresh(model, va)
+    torch.manual_seed(1)
+    est_f.refresh(model, va)
+    torch.manual_seed(2)
+    v_probe = est_p.probe_values(model, tr)
+    torch.manual_seed(2)
+    with torch.no_grad(), est_f.capture(model, tr) as cap:
+        from lai.batching import forward_logits
+        forward_logits(model, tr.inputs)
+    v_forward = est_f.score(cap)
+    assert rel_err(v_probe, v_forward) < REL
+
+
+def test_plan_picks_the_form():
+    est = GhostEstimator()  # auto
+    assert est.plan(MLP(), values_before_backward=False) == "probe"
+    assert est.scores_after_backward
+    assert est.plan(MLP(), values_before_backward=True) == "forward"  # a filtering policy
+    assert est.plan(CNN().train(), values_before_backward=False) == "forward"  # batch stats
+    assert est.plan(CNN().eval(), values_before_backward=False) == "probe"
+    assert est.plan(PaddedTransformer(), values_before_backward=False) == "forward"  # free pos
+    assert GhostEstimator(mode="forward").plan(MLP(), False) == "forward"
+    with pytest.raises(ValueError, match="filters or reweights"):
+        GhostEstimator(mode="probe").plan(MLP(), values_before_backward=True)
+    with pytest.raises(ValueError, match="PaddedTransformer"):
+        GhostEstimator(mode="probe").plan(PaddedTransformer(), values_before_backward=False)
+    with pytest.raises(ValueError, match="ghost mode"):
+        GhostEstimator(mode="fast")
+
+
+def test_batchnorm_train_mode_probe_is_the_per_route_split_with_the_same_sum():
+    """With batch statistics the probe form splits <g_V, grad sum_j ell_j> by route: the
+    batch total is the forward-mode total, the per-sample values are not (why auto avoids
+    it)."""
+    model = CNN().train()
+    tr = (torch.randn(6, 3, 10, 10), torch.randint(0, 4, (6,)))
+    va = (torch.randn(3, 3, 10, 10), torch.randint(0, 4, (3,)))
+    v_probe = probe(model, tr, va)
+    v_forward = value(model, tr, va, method="ghost")
+    assert rel_err(v_probe.sum(), v_forward.sum()) < REL
+    assert rel_err(v_probe, v_forward) > 1e-3
+
+
+def test_a_weight_used_outside_its_module_is_caught_by_the_sum_rule():
+    class TiedByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.mix = nn.Linear(6, 6)
+
+        def forward(self, ids):  # the embedding matrix read directly: no hook sees this use
+            return torch.tanh(self.mix(self.emb(ids).mean(1))) @ self.emb.weight[:4].T
+
+    ids, ids_v = torch.randint(0, 20, (5, 7)), torch.randint(0, 20, (3, 7))
+    with pytest.raises(RuntimeError, match="outside the forward"):
+        probe(TiedByHand(), (ids, torch.randint(0, 4, (5,))), (ids_v, torch.randint(0, 4, (3,))))
