@@ -37,8 +37,8 @@ up to 512 bytes and keeps freed blocks; ``max_memory_allocated`` includes the ro
 the cache), workspaces that kernels allocate internally without returning a tensor (cuDNN,
 cuBLAS, oneDNN scratch), tensors created without passing through the dispatcher (C++
 code under ``no_dispatch``; a storage made that way in the region and read later is taken
-for one alive at the start), meta and fake tensors, and non-tensor memory (Python objects,
-the interpreter, libraries). A storage shared by several tensors, or a tensor that is a view
+for one alive at the start), meta and fake tensors, forward-mode AD's efficient zero tensors
+(they hold no memory), and non-tensor memory (Python objects, the interpreter, libraries). A storage shared by several tensors, or a tensor that is a view
 of a big base, counts the whole storage. Frees inside one operation are seen when that
 operation returns, so the peak is a lower bound on what an allocator without caching would
 need (close to it when kernels allocate nothing hidden).
@@ -67,8 +67,8 @@ _FRESH_OPS = {"lift_fresh"}
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
-    if t.is_meta or type(t).__name__ == "FakeTensor":
-        return None
+    if t.is_meta or type(t).__name__ == "FakeTensor" or t._is_zerotensor():
+        return None  # no memory (a ZeroTensor's storage reports its size but holds no data)
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, functorch wrappers

@@ -24,7 +24,10 @@ def test_allocation_view_and_free():
     with PeakTensorMemory(scan_gc=False) as m:
         s = torch.tensor([1.0, 2.0], dtype=torch.float64)  # lift_fresh: a new storage
     assert (m.start_bytes, m.end_bytes) == (0, 16)
-    del keep, s
+    with PeakTensorMemory(scan_gc=False) as m:
+        z = torch._efficientzerotensor(1000)  # forward-mode AD's zeros: no memory behind it
+    assert m.peak_bytes == 0
+    del keep, s, z
 
 
 def test_alive_at_start_counted_once():
