@@ -19,7 +19,15 @@ Measured per method:
 
 - median step time over ``--steps`` timed steps, after warm-up steps (CUDA synchronised);
 - GFLOP per step, counted with ``torch.utils.flop_counter.FlopCounterMode``;
-- peak memory of a step (CUDA allocator peak; not measured on CPU);
+- peak memory of a step, ``peak_mem_mb`` (MiB), measured on one step after the timed ones;
+  ``mem_method`` says how: ``cuda_allocator`` (``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``) on CUDA, ``tensor_storage`` on the CPU
+  (``lai.train.memory.PeakTensorMemory``: the peak bytes of live tensor storages, counting
+  everything alive at the start (model, gradients, optimizer state, batches, caches) once per
+  storage, plus every storage the step creates, autograd's saved tensors included, until it is
+  freed; no allocator rounding or caching, no kernel workspaces). ``mem_start_mb`` is what was
+  already allocated when the step began. On every device the tensor-storage measurement is
+  also recorded (``peak_tensor_mb``, ``tensor_start_mb``), a cross-check on CUDA;
 - the ratio of each of these to vanilla, measured in the same process;
 - the cost of one validation-cache refresh (|V| samples), reported separately, as a fraction
   of a vanilla step, and added to the step for the per-step cost at ``refresh_every=1``
@@ -57,6 +65,7 @@ versions. The last lines printed compare the measurements with issue 6's targets
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -75,6 +84,7 @@ from lai.data.base import DataBundle, TensorSplit  # noqa: E402
 from lai.estimators.registry import build_estimator  # noqa: E402
 from lai.policies import build_policy  # noqa: E402
 from lai.train.loop import EpochStats, Trainer  # noqa: E402
+from lai.train.memory import PeakTensorMemory  # noqa: E402
 from lai.train.syncs import DeviceWork  # noqa: E402
 
 TARGETS = {  # issue 6: (row, metric, bound)
@@ -207,12 +217,20 @@ def bench_method(setup: str, method: str, device: torch.device, steps: int, warm
         tr._flush(0, start + block, stats)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3 / block)
-    peak = None
+    gc.collect()  # garbage of earlier methods is not this step's memory
     if device.type == "cuda":
+        _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device) / 2**20
         step(0)
         _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        peak, mem_method = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocator"
+    # live tensor storage (any device): the CPU's measurement, and a cross-check on CUDA
+    with PeakTensorMemory(device=device.type) as mem:
+        step(0)
+    _sync(device)
+    if device.type != "cuda":
+        peak, start, mem_method = mem.peak_mib, mem.start_mib, "tensor_storage"
     with DeviceWork() as work:
         step(1)
     with FlopCounterMode(display=False) as counter:
@@ -220,6 +238,8 @@ def bench_method(setup: str, method: str, device: torch.device, steps: int, warm
     tr._flush(0, 0, stats)
     result = {"step_ms": statistics.median(times), "step_ms_all": times,
               "gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
+              "mem_method": mem_method, "mem_start_mb": start,
+              "peak_tensor_mb": mem.peak_mib, "tensor_start_mb": mem.start_mib,
               "refresh_ms": refresh_ms, "batch": b, "n_val": n_val,
               "ops": work.ops, "syncs": dict(work.syncs),
               "ghost_form": getattr(est, "active_mode", None)}
@@ -303,7 +323,7 @@ def main() -> None:
             if row not in rows:
                 continue
             got = rows[row][metric]
-            state = "n/a (not measured on CPU)" if got is None else (
+            state = "n/a (not measured)" if got is None else (
                 f"{got:.2f} {'met' if got <= bound else 'MISSED'}")
             print(f"  {label} <= {bound}: {setup}: {state}")
     out = Path(args.out)

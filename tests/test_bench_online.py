@@ -24,4 +24,9 @@ def test_bench_smoke(tmp_path):
     assert set(rows) == {"vanilla", "lai", "lai+filter/2pass"}
     for name, r in rows.items():
         assert r["step_ms"] > 0 and r["ops"] > 0 and r["syncs"] == {}, name
+        # peak memory on the CPU: live tensor storage, including what was alive at the start
+        assert r["mem_method"] == "tensor_storage", name
+        assert r["peak_mem_mb"] > r["mem_start_mb"] > 0, name
+        assert r["peak_tensor_mb"] == r["peak_mem_mb"], name
+    assert isinstance(rows["lai"]["mem_ratio"], float) and rows["lai"]["mem_ratio"] > 0
     assert rows["lai+filter/2pass"]["gflop"] < rows["vanilla"]["gflop"]
