@@ -163,6 +163,7 @@ class ProbeCapture:
         self.acc: torch.Tensor | None = None
         self.row_scale: torch.Tensor | float | None = None
         self.batch_size: int | None = None
+        self.hooks_registered = 0  # gradient hooks put on layer outputs by the forward
         self.hooks_fired = 0
         self.low_precision = False  # some output gradient arrived in bf16/fp16
 
@@ -199,7 +200,12 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                     f"{out.shape[0] if out.dim() else 0}, not the batch size {b}; "
                     "use estimator.ghost_mode=forward")
 
+            held = [a]  # released once used: the layer's input need not outlive its backward
+
             def on_grad(g: torch.Tensor) -> None:
+                if not held:
+                    return  # a second backward through a retained graph: counted once
+                a = held.pop()
                 with torch.no_grad():
                     low = g.dtype in (torch.bfloat16, torch.float16)
                     ctx = (torch.autocast(g.device.type, dtype=g.dtype) if low
@@ -214,12 +220,16 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                     cap.low_precision |= low
 
             out.register_hook(on_grad)
+            cap.hooks_registered += 1
             return replaced
 
         return forward_hook
 
     def keep_logits(mod, args, output) -> None:
-        cap.logits = logits_of(output)
+        # detached: the graph holds the gradient hooks, and they hold `cap`; a graph-holding
+        # tensor in `cap` would close a cycle through C++ that the garbage collector cannot
+        # see, keeping every step's graph (and its layer inputs) alive
+        cap.logits = logits_of(output).detach()
 
     try:
         for module, probe in plan:
@@ -245,7 +255,7 @@ def probe_values(cap: ProbeCapture) -> torch.Tensor:
     if cap.logits is None:
         raise RuntimeError("no forward ran inside capture()")
     if cap.acc is None:
-        if cap.hooks_fired == 0 and cap.logits.requires_grad:
+        if cap.hooks_registered:
             raise RuntimeError("ghost probe mode: score() needs the training backward first")
         return torch.zeros(cap.batch_size, device=cap.logits.device)
     v = cap.acc if cap.row_scale is None else cap.acc / cap.row_scale

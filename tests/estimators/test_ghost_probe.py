@@ -167,3 +167,30 @@ def test_a_weight_used_outside_its_module_is_caught_by_the_sum_rule():
     ids, ids_v = torch.randint(0, 20, (5, 7)), torch.randint(0, 20, (3, 7))
     with pytest.raises(RuntimeError, match="outside the forward"):
         probe(TiedByHand(), (ids, torch.randint(0, 4, (5,))), (ids_v, torch.randint(0, 4, (3,))))
+
+
+def test_steps_do_not_keep_their_graphs_alive():
+    """The gradient hooks hold the capture; a capture holding the graph would close a cycle
+    through C++ that gc cannot break, keeping every step's layer inputs: live memory must
+    not grow from step to step."""
+    import gc
+
+    from lai.batching import forward_logits, per_sample_loss
+    from lai.train.memory import PeakTensorMemory
+
+    model = MLP(d_in=64, hidden=256)
+    est = GhostEstimator(mode="probe")
+    est.refresh(model, as_batch((torch.randn(4, 64), torch.randint(0, 5, (4,)))))
+    batch = as_batch((torch.randn(32, 64), torch.randint(0, 5, (32,))))
+    starts = []
+    for _ in range(3):
+        gc.collect()
+        with PeakTensorMemory(device="cpu") as mem:
+            with est.capture(model, batch) as cap:
+                logits = forward_logits(model, batch.inputs)
+            model.zero_grad(set_to_none=True)
+            per_sample_loss(logits, batch.labels).sum().backward()
+            est.score(cap)
+            del cap, logits
+        starts.append(mem.start_bytes)
+    assert starts[1] == starts[2]
