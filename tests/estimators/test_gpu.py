@@ -32,3 +32,19 @@ def test_cuda_matches_cpu_float64(method):
         gpu_model = copy.deepcopy(model).cuda()
         gpu = value(gpu_model, _to(tr, "cuda"), _to(va, "cuda"), method=method).cpu()
         assert float((gpu - cpu).norm() / cpu.norm()) < 1e-9
+
+
+def test_ghost_probe_form_on_cuda_matches_cpu_float64():
+    from lai.batching import as_batch
+    from lai.estimators.ghost import GhostEstimator
+
+    torch.manual_seed(0)
+    model = CNN().double().eval()
+    tr = (torch.randn(6, 3, 10, 10, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    va = (torch.randn(5, 3, 10, 10, dtype=torch.float64), torch.randint(0, 4, (5,)))
+    cpu = value(model, tr, va, method="ghost")  # forward mode, on the CPU
+    gpu_model = copy.deepcopy(model).cuda()
+    est = GhostEstimator(mode="probe")
+    est.refresh(gpu_model, as_batch(_to(va, "cuda")))
+    gpu = est.probe_values(gpu_model, as_batch(_to(tr, "cuda"))).cpu()
+    assert float((gpu - cpu).norm() / cpu.norm()) < 1e-9
