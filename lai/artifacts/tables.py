@@ -212,9 +212,12 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
                 if m is None:
                     continue
                 mem = m.get("peak_mem_mb")
-                rows.append([f"ours: {device}", f"{label} (batch {batch})", P.display(method),
+                name = P.display(method)
+                if m.get("ghost_form"):  # which of Ghost's two exact forms the trainer picked
+                    name = f"{name} ({m['ghost_form']} form)"
+                rows.append([f"ours: {device}", f"{label} (batch {batch})", name,
                              f"{m['gflop']:.2f} (×{m['gflop_ratio']:.2f})",
-                             "n/a on CPU" if mem is None else
+                             "n/a" if mem is None else
                              f"{mem:,.0f} (×{m['mem_ratio']:.2f})",
                              f"×{m['time_ratio']:.2f}"])
                 for col, val in (("gflop", m["gflop"]), ("memory_mb", mem),
@@ -240,7 +243,13 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "torch.utils.flop_counter, one step = forward + valuation + backward + update; "
              "the validation-cache refresh is reported separately in results/bench/*.json.",
              "GPU rows use the paper's model sizes (ResNet-18 batch 512, BERT-base, GPT-Neo-125M);"
-             " CPU rows use tiny presets, so their GFLOP are not comparable with the paper's."]
+             " CPU rows use tiny presets, so their GFLOP are not comparable with the paper's.",
+             "Peak memory: the CUDA allocator's peak on a GPU; on a CPU the peak of live tensor "
+             "storage (lai.train.memory.PeakTensorMemory: no allocator rounding, caching or "
+             "kernel workspaces), everything alive at the step's start included.",
+             "Ghost runs score-only here (every sample kept): its probe form (values from the "
+             "training backward) where that is exact per sample, its forward-mode form on "
+             "models with train-mode BatchNorm."]
     if not benches:
         notes.append("No results/bench/online_*.json found: run `make bench`.")
     return Table("Table 4: cost of online valuation per batch", header, rows, notes), _long(long)
