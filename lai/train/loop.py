@@ -229,7 +229,9 @@ class Trainer:
             with self.est.capture(self.model, batch) as cap:
                 with self._autocast():
                     logits = forward_logits(self.model, batch.inputs)
-            return logits, self.est.score(cap)
+            # a no-grad forward's logits can still be a grad leaf (the estimator's hooks make
+            # the output layer's output one): detached, the recorded loss builds no graph
+            return (logits if grad else logits.detach()), self.est.score(cap)
 
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
