@@ -140,6 +140,7 @@ class LayerTap:
         self._calls: dict[str, int] = {}
         self._handles: list = []
         self._last: tuple | None = None  # (input, its version, token_layer, phi)
+        self._masks: dict[torch.dtype, torch.Tensor] = {}  # the mask in each float dtype
 
     def _keep_output(self, mod: nn.Module, args: tuple, output: torch.Tensor):
         if torch.is_grad_enabled():
@@ -167,7 +168,7 @@ class LayerTap:
                         and last[1] == version and last[2] == (token_layer, nhwc)):
                     phi = last[3]  # the same input as the previous tapped layer: same rows
                 else:
-                    phi = flatten_rows(x.detach(), self.mask, token_layer, nhwc)
+                    phi = flatten_rows(x.detach(), self._mask_like(x), token_layer, nhwc)
                     # x is held until the next tapped layer, so `is` cannot match a new
                     # tensor that reuses its memory
                     self._last = (x, version, (token_layer, nhwc), phi)
@@ -175,6 +176,17 @@ class LayerTap:
                 self.on_input(*args, nhwc) if self.native_layout else self.on_input(*args)
 
         return hook
+
+    def _mask_like(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask in the dtype ``flatten_rows`` multiplies ``x`` with, converted
+        once per forward rather than once per layer."""
+        if self.mask is None:
+            return None
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        m = self._masks.get(dtype)
+        if m is None:
+            m = self._masks[dtype] = self.mask.to(dtype)
+        return m
 
     def _keep_logits(self, mod: nn.Module, args: tuple, output) -> None:
         self.logits = logits_of(output)
@@ -200,6 +212,7 @@ class LayerTap:
 
     def __exit__(self, *exc) -> None:
         self._last = None
+        self._masks.clear()
         self._restore_grad_mode()  # if the forward raised before the model hook ran
         for h in self._handles:
             h.remove()
@@ -225,8 +238,42 @@ def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
             and m.track_running_stats and m.running_mean is not None]
 
 
+class BufferSnapshot:
+    """Copies of a model's buffers that :func:`preserved_buffers` reuses from one scoring
+    forward to the next while the buffer is unchanged (same tensor, same version counter:
+    PyTorch bumps it at every in-place change, under ``no_grad`` too). A model whose forward
+    changes no buffer (attention-mask buffers, position ids) then costs no copy at all
+    per scoring forward; a changed buffer is restored from its copy, as without a snapshot.
+    Holds one copy of every such buffer for as long as the snapshot lives."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def copies(self, buffers: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                int | None]]:
+        """``(buffer, copy, version)`` per buffer, copying only where no valid copy is held."""
+        out, entries = [], {}
+        for b in buffers:
+            version = _version_of(b)
+            entry = self._entries.get(id(b))
+            if entry is None or entry[0] is not b or version is None or entry[2] != version:
+                entry = (b, b.detach().clone(), version)
+            if version is not None:
+                entries[id(b)] = entry
+            out.append(entry)
+        self._entries = entries  # buffers no longer in the model are let go
+        return out
+
+    def restored(self, b: torch.Tensor, copy: torch.Tensor) -> None:
+        """``b`` was just copied back from ``copy``: the copy is valid for its new version."""
+        version = _version_of(b)
+        if version is not None:
+            self._entries[id(b)] = (b, copy, version)
+
+
 @contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
+def preserved_buffers(model: nn.Module, snapshot: BufferSnapshot | None = None
+                      ) -> Iterator[None]:
     """Leave every buffer (e.g. BatchNorm running statistics) as it was on exit, so a forward
     in train mode used only for scoring leaves the model exactly as it was.
 
@@ -235,12 +282,18 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
     normalises with the batch statistics as before (bit for bit on CPU, tested) but neither
     reads nor writes the buffers; in eval mode it reads the running statistics either way.
     This saves two copies of every BN buffer per scoring forward (about 120 small kernels
-    for ResNet-18). Every other buffer is copied and restored.
+    for ResNet-18). Every other buffer is copied and restored; with a ``snapshot`` (see
+    :class:`BufferSnapshot`) the copy is taken only when the buffer changed since the last
+    one. Only buffers that the forward changed are copied back.
     """
     frozen = _frozen_batchnorms(model)
     skip = {id(b) for m in frozen
             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None}
-    saved = [(b, b.detach().clone()) for b in model.buffers() if id(b) not in skip]
+    buffers = [b for b in model.buffers() if id(b) not in skip]
+    if snapshot is None:
+        saved = [(b, b.detach().clone(), _version_of(b)) for b in buffers]
+    else:
+        saved = snapshot.copies(buffers)
     for m in frozen:
         m.track_running_stats = False
     try:
@@ -248,6 +301,13 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
     finally:
         for m in frozen:
             m.track_running_stats = True
+        # only what changed: a buffer whose version counter did not move was not written
+        # (in-place writes through autograd-visible tensors all bump it; inference-mode
+        # buffers have none and are always copied back)
+        saved = [e for e in saved if e[2] is None or _version_of(e[0]) != e[2]]
         if saved:
             with torch.no_grad():
-                torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
+                torch._foreach_copy_([b for b, _, _ in saved], [c for _, c, _ in saved])
+            if snapshot is not None:
+                for b, c, _ in saved:
+                    snapshot.restored(b, c)

@@ -96,7 +96,7 @@ class _ScoreCapture:
         self.acc_tok: torch.Tensor | None = None   # folded [B,T,K] | pairwise [B,|V|,T,T']
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
-        self.last_term: tuple | None = None  # pairwise token term of the last layer
+        self.last_term: tuple | None = None  # token term of the last layer (phi, src, term)
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -104,15 +104,26 @@ class _ScoreCapture:
 
 
 def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term if acc is None else acc + term
+    """``acc + term``, in place where ``acc`` is the capture's own accumulator (never
+    ``term`` itself, which may be added again)."""
+    if acc is None:
+        return term
+    if acc is term:
+        return acc + term
+    return acc.add_(term)
 
 
 def _add_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` for ``a [..., D]``, ``b [D, K]``: in place, one fused kernel (the
-    accumulators belong to the capture alone and carry no autograd graph)."""
+    accumulators belong to the capture alone and carry no autograd graph).
+
+    ``addmm(out=acc)`` rather than ``acc.addmm_``: the same kernel, but PyTorch's
+    ``FlopCounterMode`` counts it (it does not count ``addmm_``, which hid these products
+    from the benchmark's GFLOP column)."""
     if acc is None:
         return a @ b
-    acc.view(-1, acc.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b)
+    flat = acc.view(-1, acc.shape[-1])
+    torch.addmm(flat, a.reshape(-1, a.shape[-1]), b, out=flat)
     return acc
 
 
@@ -149,6 +160,7 @@ class LAIEstimator(OnlineEstimator):
         self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise
         self.g_v: torch.Tensor | None = None           # [|V|, T_out, K]
         self._nhwc: dict[int, torch.Tensor] = {}
+        self._shared: dict[LayerKey, bool] = {}        # cache entry read by several layers
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
@@ -215,6 +227,10 @@ class LAIEstimator(OnlineEstimator):
                 self.M[key] = torch.einsum("nsk,nsd->kd", g_v.to(phi.dtype), phi)
             else:
                 self.M[key] = g_v.reshape(n, -1).to(phi.dtype).T @ phi
+        counts: dict[LayerKey, int] = {}
+        for src in same_as.values():
+            counts[src] = counts.get(src, 0) + 1
+        self._shared = {key: counts[src] > 1 for key, src in same_as.items()}
         for key, src in same_as.items():
             if key != src:
                 (self.M if self.folded else self.phi_v)[key] = (
@@ -254,18 +270,22 @@ class LAIEstimator(OnlineEstimator):
         phi_in, b = phi, phi.shape[0]
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
-            if self.folded:
-                m = self.M[key]
-                cap.acc_tok = _add_mm(cap.acc_tok, phi.to(m.dtype), m.T)  # [B, T, K]
-            else:
-                pv = self.phi_v[key]
-                last = cap.last_term
-                if last is not None and last[0] is phi_in and last[1] is pv:
-                    term = last[2]  # same rows, same cache tensor (q/k/v): the same term
-                else:
-                    term = torch.einsum("btd,zsd->bzts", phi.to(pv.dtype), pv)
-                    cap.last_term = (phi_in, pv, term)
-                cap.acc_tok = _add(cap.acc_tok, term)
+            src = self.M[key] if self.folded else self.phi_v[key]
+            last = cap.last_term
+            if last is not None and last[0] is phi_in and last[1] is src:
+                # same rows, same cache tensor (q/k/v of one attention block): the same
+                # term, added again instead of recomputed (the product is B T K D_l)
+                cap.acc_tok = _add(cap.acc_tok, last[2])
+                return
+            if self.folded:  # [B, T, K]
+                if not self._shared.get(key, False):  # no other layer reads this entry
+                    cap.acc_tok = _add_mm(cap.acc_tok, phi.to(src.dtype), src.T)
+                    return
+                term = phi.to(src.dtype) @ src.T
+            else:  # [B, |V|, T, T']
+                term = torch.einsum("btd,zsd->bzts", phi.to(src.dtype), src)
+            cap.last_term = (phi_in, src, term)
+            cap.acc_tok = _add(cap.acc_tok, term)
             return
         phi = align_rows(phi, shape, self.shapes[key])
         src = self.M[key] if self.folded else self.phi_v[key]

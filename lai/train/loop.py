@@ -45,7 +45,7 @@ from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.config import EstimatorConfig, TrainerConfig
 from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
-from lai.estimators.capture import preserved_buffers
+from lai.estimators.capture import BufferSnapshot, preserved_buffers
 from lai.policies.base import Policy
 from lai.train import distributed as dist_mod
 from lai.train.accel import (autocast_context, compiled, to_channels_last,
@@ -176,6 +176,10 @@ class Trainer:
         self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(device)
+        # copies of the model's buffers, reused by the no-grad scoring forwards (two_pass)
+        # while unchanged: e.g. GPT-Neo's 2048 x 2048 causal-mask buffers are not copied
+        # twice per step
+        self._buffer_snapshot = BufferSnapshot()
         self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
 
     # ---- inputs ----------------------------------------------------------------------
@@ -220,11 +224,14 @@ class Trainer:
     def _score(self, batch: Batch, grad: bool):
         """Forward ``batch`` with the estimator attached; returns (logits, values)."""
         ctx = nullcontext() if grad else torch.no_grad()
-        with ctx, (nullcontext() if grad else preserved_buffers(self.model)):
+        with ctx, (nullcontext() if grad else preserved_buffers(self.model,
+                                                                 self._buffer_snapshot)):
             with self.est.capture(self.model, batch) as cap:
                 with self._autocast():
                     logits = forward_logits(self.model, batch.inputs)
-            return logits, self.est.score(cap)
+            # a no-grad forward's logits can still be a grad leaf (the estimator's hooks make
+            # the output layer's output one): detached, the recorded loss builds no graph
+            return (logits if grad else logits.detach()), self.est.score(cap)
 
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without

@@ -58,3 +58,27 @@ def test_restored_after_an_exception_and_in_eval_mode():
         expected = model(x)
         with preserved_buffers(model):
             assert torch.equal(model(x), expected)  # eval mode reads the running statistics
+
+
+def test_snapshot_reuses_copies_of_unchanged_buffers_and_restores_changed_ones():
+    from lai.estimators.capture import BufferSnapshot
+
+    model = Counting(CNN()).train()
+    model.register_buffer("mask", torch.ones(5, 5, dtype=torch.bool))  # never written
+    model(torch.randn(8, 3, 10, 10))
+    snap = BufferSnapshot()
+    copies = []
+    for step in range(3):
+        if step == 2:
+            model.calls.fill_(7.0)  # changed between scoring forwards: a new copy is taken
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad(), preserved_buffers(model, snap):
+            model(torch.randn(4, 3, 10, 10))
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), (step, k)
+        copies.append({id(b): id(c) for b, c, _ in snap._entries.values()})
+    mask, calls = id(model.mask), id(model.calls)
+    assert copies[0][mask] == copies[1][mask] == copies[2][mask]  # copied once
+    assert copies[0][calls] == copies[1][calls]  # restored from the same copy
+    assert copies[2][calls] != copies[1][calls]  # re-copied after the outside change
+    assert float(model.calls) == 7.0
