@@ -52,7 +52,10 @@ cuDNN autotuning is on for CUDA.
 
 Timing: steps run back to back and the device is synchronised only at the end of each block
 of ``--block`` steps (so a host sync *inside* a step shows up as lost overlap, as in real
-training); the step time is the median over blocks of block time / block. The pending
+training); the step time is the median over blocks of block time / block. The methods of a
+setup are timed side by side, in rounds of one block each with the order rotating, so that
+drift in the machine's speed hits all of them alike; memory, FLOPs, kernels and the refresh
+are measured with each method alone in the process (``bench_setup``). The pending
 per-step statistics are flushed at the end of every block, inside the timed region (real
 runs flush every ``trainer.log_every`` = 50 steps, so this overstates that cost). Each row
 also records ``ops`` (aten kernels dispatched by one step, a launch-overhead proxy that does
@@ -167,93 +170,132 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_method(setup: str, method: str, device: torch.device, steps: int, warmup: int,
-                 batch: int | None, speed: dict, block: int = 4) -> dict:
-    """Time the library's step for one method; returns its measurements."""
-    torch.manual_seed(0)
-    model, data, b, n_val = make_setup(setup, device.type == "cuda", batch)
-    model = model.to(device)
-    est_name = method.split("+")[0].split("/")[0]
-    filtering = "+filter" in method
-    two_pass = method.endswith("/2pass")
-    ghost_mode = method.split("/")[1] if method in ("ghost/forward", "ghost/probe") else "auto"
-    tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
-                         strategy="two_pass" if two_pass else "one_pass", **speed)
-    ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
-    est = build_estimator(est_name, ghost_mode=ghost_mode)
-    policy = (build_policy("percentile", keep_fraction=0.5) if filtering
-              else build_policy("score_only"))
-    tr = Trainer(model, data, est, policy, tcfg, ecfg, device, _NullRecorder())
-    tr.setup(10_000)
-    scoring = est_name != "vanilla"
-    batches = [tr._to_device(data.train.gather(torch.arange(i * b, (i + 1) * b)))
-               for i in range(len(data.train) // b)]
-    stats = EpochStats()
+class MethodBench:
+    """One method's Trainer on one setup, built as the runner builds it, with its batches
+    already on the device (warm-up steps run by :meth:`warm`)."""
 
-    def step(i: int) -> None:
-        tr._step(batches[i % len(batches)], 0, i)
+    def __init__(self, setup: str, method: str, device: torch.device, batch: int | None,
+                 speed: dict, warmup: int):
+        torch.manual_seed(0)
+        model, data, b, n_val = make_setup(setup, device.type == "cuda", batch)
+        self.device, self.b, self.n_val = device, b, n_val
+        self.model = model.to(device)
+        est_name = method.split("+")[0].split("/")[0]
+        filtering = "+filter" in method
+        two_pass = method.endswith("/2pass")
+        ghost_mode = (method.split("/")[1] if method in ("ghost/forward", "ghost/probe")
+                      else "auto")
+        tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
+                             strategy="two_pass" if two_pass else "one_pass", **speed)
+        ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
+        self.est = build_estimator(est_name, ghost_mode=ghost_mode)
+        policy = (build_policy("percentile", keep_fraction=0.5) if filtering
+                  else build_policy("score_only"))
+        self.tr = Trainer(self.model, data, self.est, policy, tcfg, ecfg, device,
+                          _NullRecorder())
+        self.tr.setup(10_000)
+        self.scoring = est_name != "vanilla"
+        self.batches = [self.tr._to_device(data.train.gather(torch.arange(i * b, (i + 1) * b)))
+                        for i in range(len(data.train) // b)]
+        self.stats = EpochStats()
+        self.i = 0
+        if self.scoring:
+            self.tr._refresh()
+        self.run(warmup)
 
-    if scoring:
-        tr._refresh()
-    for i in range(warmup):
-        step(i)
-    tr._flush(0, warmup, stats)
-    refresh_ms = None
-    if scoring:
-        times = []
-        for _ in range(3):
-            _sync(device)
-            t0 = time.perf_counter()
-            tr._refresh()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        refresh_ms = statistics.median(times)
-    times = []
-    for start in range(0, steps, block):
-        _sync(device)
+    def run(self, n: int, flush: bool = True) -> None:
+        """``n`` steps back to back, then (``flush``) the pending statistics read (one wait)."""
+        for _ in range(n):
+            self.tr._step(self.batches[self.i % len(self.batches)], 0, self.i)
+            self.i += 1
+        if flush:
+            self.tr._flush(0, self.i, self.stats)
+
+    def time_block(self, n: int) -> float:
+        """Milliseconds per step over a block of ``n`` steps (device synced at both ends)."""
+        _sync(self.device)
         t0 = time.perf_counter()
-        for i in range(start, start + block):
-            step(i)
-        tr._flush(0, start + block, stats)
+        self.run(n)
+        _sync(self.device)
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    def measure(self) -> dict:
+        """Everything but the step time: refresh time, peak memory, kernels, syncs, FLOPs."""
+        device = self.device
+        refresh_ms = None
+        if self.scoring:
+            times = []
+            for _ in range(3):
+                _sync(device)
+                t0 = time.perf_counter()
+                self.tr._refresh()
+                _sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            refresh_ms = statistics.median(times)
+        gc.collect()  # garbage of earlier methods is not this step's memory
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device) / 2**20
+            self.run(1)
+            _sync(device)
+            peak, mem_method = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocator"
+        # live tensor storage (any device): the CPU's measurement, and a cross-check on CUDA
+        with PeakTensorMemory(device=device.type) as mem:
+            self.run(1)
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3 / block)
-    gc.collect()  # garbage of earlier methods is not this step's memory
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device) / 2**20
-        step(0)
-        _sync(device)
-        peak, mem_method = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocator"
-    # live tensor storage (any device): the CPU's measurement, and a cross-check on CUDA
-    with PeakTensorMemory(device=device.type) as mem:
-        step(0)
-    _sync(device)
-    if device.type != "cuda":
-        peak, start, mem_method = mem.peak_mib, mem.start_mib, "tensor_storage"
-    with DeviceWork() as work:
-        step(1)
-    with FlopCounterMode(display=False) as counter:
-        step(2)
-    tr._flush(0, 0, stats)
-    result = {"step_ms": statistics.median(times), "step_ms_all": times,
-              "gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
-              "mem_method": mem_method, "mem_start_mb": start,
-              "peak_tensor_mb": mem.peak_mib, "tensor_start_mb": mem.start_mib,
-              "refresh_ms": refresh_ms, "batch": b, "n_val": n_val,
-              "ops": work.ops, "syncs": dict(work.syncs),
-              "ghost_form": getattr(est, "active_mode", None)}
-    del tr, model, batches
+        if device.type != "cuda":
+            peak, start, mem_method = mem.peak_mib, mem.start_mib, "tensor_storage"
+        with DeviceWork() as work:  # one step's own kernels and syncs, not the flush's
+            self.run(1, flush=False)
+        with FlopCounterMode(display=False) as counter:
+            self.run(1, flush=False)
+        self.tr._flush(0, self.i, self.stats)
+        return {"gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
+                "mem_method": mem_method, "mem_start_mb": start,
+                "peak_tensor_mb": mem.peak_mib, "tensor_start_mb": mem.start_mib,
+                "refresh_ms": refresh_ms, "batch": self.b, "n_val": self.n_val,
+                "ops": work.ops, "syncs": dict(work.syncs),
+                "ghost_form": getattr(self.est, "active_mode", None)}
+
+
+def bench_setup(setup: str, methods: list[str], device: torch.device, steps: int, warmup: int,
+                batch: int | None, speed: dict, block: int = 4) -> dict[str, dict]:
+    """Measurements of every method on one setup.
+
+    Memory, FLOPs, kernels and refresh time: each method alone in the process (built, measured,
+    freed), so one method's tensors are not another's memory. Step time: every method's
+    Trainer built side by side, then rounds of one block of ``block`` steps per method, the
+    order rotating from round to round; ``step_ms`` is the median over its blocks. Drift in
+    the machine's speed (other load, clocks) then hits every method alike instead of whichever
+    ran during it.
+    """
+    rows = {}
+    for m in methods:
+        bench = MethodBench(setup, m, device, batch, speed, warmup)
+        rows[m] = bench.measure()
+        del bench
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    benches = {m: MethodBench(setup, m, device, batch, speed, warmup) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(max(1, steps // block)):
+        for k in range(len(methods)):
+            m = methods[(r + k) % len(methods)]
+            times[m].append(benches[m].time_block(block))
+    for m in methods:
+        rows[m].update(step_ms=statistics.median(times[m]), step_ms_all=times[m])
+    del benches
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--setups", default="resnet18,bert,gpt_neo")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--block", type=int, default=4, help="steps between device syncs")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
@@ -294,10 +336,8 @@ def main() -> None:
     print(header)
     print("|" + "---|" * 13)
     for setup in args.setups.split(","):
-        rows = {}
-        for m in methods:
-            rows[m] = bench_method(setup, m, device, steps, args.warmup, args.batch, speed,
-                                   args.block)
+        rows = bench_setup(setup, methods, device, steps, args.warmup, args.batch, speed,
+                           args.block)
         base = rows["vanilla"]
         for m, r in rows.items():
             r["time_ratio"] = r["step_ms"] / base["step_ms"]
