@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lai.batching import Batch, logits_of
+from lai.estimators.capture import fp32_math
 
 # type -> probe(module, input, tangents by parameter name) -> d s / d eps (same shape as s)
 Probe = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
@@ -207,12 +208,14 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                     return  # a second backward through a retained graph: counted once
                 a = held.pop()
                 with torch.no_grad():
+                    # the probe runs in the precision the forward ran in: bf16 autocast when
+                    # the gradient arrives in bf16 (as fast as the layer), else full precision
                     low = g.dtype in (torch.bfloat16, torch.float16)
-                    ctx = (torch.autocast(g.device.type, dtype=g.dtype) if low
-                           else _no_autocast(g.device.type))
-                    with ctx:
-                        p = probe(mod, a if low or not a.is_floating_point()
-                                  or a.dtype == g.dtype else a.to(g.dtype), names)
+                    if not (low or not a.is_floating_point() or a.dtype == g.dtype):
+                        a = a.to(g.dtype)
+                    with (torch.autocast(g.device.type, dtype=g.dtype) if low
+                          else fp32_math(g)):
+                        p = probe(mod, a, names)
                     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
                     term = (g.to(acc_dtype) * p.to(acc_dtype)).sum(dim=tuple(range(1, g.dim())))
                     cap.acc = term if cap.acc is None else cap.acc.add_(term)
@@ -241,12 +244,6 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
         for h in handles:
             h.remove()
 
-
-def _no_autocast(device_type: str):
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    from contextlib import nullcontext
-    return nullcontext()
 
 
 def probe_values(cap: ProbeCapture) -> torch.Tensor:
