@@ -51,3 +51,20 @@ def test_probe_mode_with_a_filtering_policy_is_a_config_error(tiny_overrides):
         validate(cfg)
     validate(compose_cfg("dataset=digits_n", "estimator=ghost", "estimator.ghost_mode=probe",
                          "policy=score_only", *tiny_overrides))
+
+
+def test_bf16_probe_form_follows_fp32(tiny_overrides):
+    """Under bf16 autocast the probes run in bf16 (the output gradients arrive in bf16), the
+    sum-rule check uses its bf16 tolerance, and the values stay close to fp32's."""
+    from lai.train.runner import run_experiment
+    from tests.conftest import compose_cfg
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = run_experiment(compose_cfg(
+            "dataset=digits_n", "estimator=ghost", "policy=score_only", "trainer.epochs=1",
+            f"trainer.precision={precision}", "save_scores=true", *tiny_overrides))
+    v32, v16 = (_scores(Path(runs[p]["run_dir"]))[0] for p in ("fp32", "bf16"))
+    assert np.isfinite(v16).all() and runs["bf16"]["status"] == "completed"
+    assert np.corrcoef(v32, v16)[0, 1] > 0.95
+    assert 0.9 < np.linalg.norm(v16) / np.linalg.norm(v32) < 1.1  # the same scale (1/c_j)
