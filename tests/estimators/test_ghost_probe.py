@@ -144,3 +144,16 @@ def test_steps_do_not_keep_their_graphs_alive():
             del cap, logits
         starts.append(mem.start_bytes)
     assert starts[1] == starts[2]
+
+
+def test_torchvision_resnet18_in_place_relu_after_batchnorm_eval():
+    """The hook on a BatchNorm output sees the gradient of that output even though the
+    following ReLU(inplace=True) overwrites it: same values as forward mode."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=5)
+    model.train()
+    model(torch.randn(8, 3, 32, 32))  # running statistics
+    model.eval()
+    tr = (torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
+    va = (torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,)))
+    assert rel_err(probe(model, tr, va), value(model, tr, va, method="ghost")) < REL
