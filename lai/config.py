@@ -201,12 +201,14 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _keeps_all(policy_cfg: Any) -> bool:
-    """The policy gives every sample weight 1 whatever the values (scoring only)."""
-    name = policy_cfg.name
-    return (name == "score_only"
-            or (name == "threshold" and float(policy_cfg.threshold) == float("-inf"))
-            or (name == "percentile" and float(policy_cfg.keep_fraction) >= 1.0))
+def _policy(cfg: Any) -> Any:
+    """The policy object the config describes (its own checks raise ValueError)."""
+    from lai.policies.factory import build_policy_from_config
+
+    try:
+        return build_policy_from_config(cfg.policy)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"policy: {e}") from None
 
 
 def validate(cfg: Any) -> None:
@@ -242,7 +244,7 @@ def validate(cfg: Any) -> None:
     if cfg.estimator.precondition == "adam" and cfg.trainer.optimizer not in ("adam", "adamw"):
         raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
     if cfg.estimator.ghost_mode == "probe" and est == "ghost" and not (
-            cfg.trainer.strategy == "one_pass" and _keeps_all(cfg.policy)):
+            cfg.trainer.strategy == "one_pass" and _policy(cfg).keeps_all_unweighted):
         raise ConfigError("estimator.ghost_mode=probe gives values only after the backward: it "
                           "needs trainer.strategy=one_pass and a policy that keeps every sample "
                           "(policy=score_only); use ghost_mode=auto or forward to filter")

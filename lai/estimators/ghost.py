@@ -99,6 +99,15 @@ def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]) -> Iter
             module._parameters[name] = p
 
 
+def _probe_plan_or_raise(model: nn.Module) -> list:
+    """The probe plan of ``model``; ValueError naming the modules that have no probe."""
+    plan, missing = ghost_probe.probe_plan(model)
+    if missing:
+        raise ValueError("ghost mode=probe needs every trainable parameter in a module linear "
+                         f"in it; these are not: {', '.join(missing[:5])}")
+    return plan
+
+
 class _GhostCapture:
     def __init__(self, labels: torch.Tensor):
         self.labels = labels
@@ -142,8 +151,7 @@ class GhostEstimator(OnlineEstimator):
         ``values_before_backward``: the policy needs the values to weight the loss (any
         filtering or reweighting), which only the forward form can give. ``mode="probe"``
         with such a policy, or on a model it cannot probe, is a ValueError."""
-        plan, missing = ghost_probe.probe_plan(model)
-        coupled = ghost_probe.batch_coupled(model)
+        self._probe_plan = None
         if self.mode == "forward":
             self.active_mode = "forward"
         elif self.mode == "probe":
@@ -151,14 +159,13 @@ class GhostEstimator(OnlineEstimator):
                 raise ValueError("ghost mode=probe gives values only after the backward; a "
                                  "policy that filters or reweights needs ghost mode=forward "
                                  "(or auto)")
-            if missing:
-                raise ValueError("ghost mode=probe needs every trainable parameter in a module "
-                                 f"linear in it; these are not: {', '.join(missing[:5])}")
+            self._probe_plan = _probe_plan_or_raise(model)
             self.active_mode = "probe"
         else:
-            self.active_mode = ("probe" if not (values_before_backward or missing or coupled)
-                                else "forward")
-        self._probe_plan = plan if self.active_mode == "probe" else None
+            plan, missing = ghost_probe.probe_plan(model)
+            usable = not (values_before_backward or missing or ghost_probe.batch_coupled(model))
+            self.active_mode = "probe" if usable else "forward"
+            self._probe_plan = plan if usable else None
         return self.active_mode
 
     def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -198,11 +205,7 @@ class GhostEstimator(OnlineEstimator):
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         if self.active_mode == "probe":
             if self._probe_plan is None:
-                plan, missing = ghost_probe.probe_plan(model)
-                if missing:
-                    raise ValueError("ghost mode=probe needs every trainable parameter in a "
-                                     f"module linear in it; these are not: {', '.join(missing[:5])}")
-                self._probe_plan = plan
+                self._probe_plan = _probe_plan_or_raise(model)
             return ghost_probe.probe_capture(model, batch, self._probe_plan, self._tangents)
         return self._forward_capture(model, batch)
 
@@ -241,10 +244,7 @@ class GhostEstimator(OnlineEstimator):
         restored). For users and tests outside the trainer; checks the sum rule."""
         if self._tangents is None:
             raise RuntimeError("call refresh(model, val_batch) before scoring")
-        plan, missing = ghost_probe.probe_plan(model)
-        if missing:
-            raise ValueError("ghost mode=probe needs every trainable parameter in a module "
-                             f"linear in it; these are not: {', '.join(missing[:5])}")
+        plan = _probe_plan_or_raise(model)
         with preserved_buffers(model), torch.enable_grad():
             with ghost_probe.probe_capture(model, batch, plan, self._tangents) as cap:
                 with self.forward_context():
