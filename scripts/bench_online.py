@@ -12,8 +12,10 @@ process. The setups are:
 - ``bert``: a BERT sequence classifier, 20 classes;
 - ``gpt_neo``: a GPT-Neo causal language model.
 
-On a GPU the transformers are built at their real sizes (bert-base, gpt-neo-125M) from a
-config, with no download. On a CPU the tiny presets are used.
+The transformers are built from a config, with no download, at ``--size``: ``full`` (bert-base,
+gpt-neo-125M; the GPU default), ``small`` (the all-MiniLM-L6 shape with the real vocabularies:
+minutes on a CPU, ratios without the tiny presets' fixed costs) or ``tiny`` (the CPU default).
+A non-default size writes its own file, ``online_<device>_<size>.json``.
 
 Measured per method:
 
@@ -110,14 +112,27 @@ class _NullRecorder:
         pass
 
 
-def make_setup(name: str, gpu: bool, batch: int | None):
-    """(model, bundle, batch size, |V|) for one setup; data is random but correctly shaped."""
+SIZES = ("tiny", "small", "full")
+
+
+def make_setup(name: str, size: str, batch: int | None):
+    """(model, bundle, batch size, |V|) for one setup; data is random but correctly shaped.
+
+    ``size`` picks the transformers' configs (ResNet-18 is always the real network):
+    ``tiny`` (2 layers, width 32, sequence 64, byte-sized vocabulary: the CPU default, seconds),
+    ``small`` (all-MiniLM-L6 shape: 6 layers, width 384, sequence 128, the real vocabularies;
+    minutes on a CPU, to see the ratios without the tiny presets' fixed costs) and ``full``
+    (bert-base, gpt-neo-125M, sequence 128: the GPU default). Batches: ResNet-18 512 at
+    ``full``, else 128; BERT 32 at ``full``, else 16; GPT-Neo 8 at ``full`` and ``small``, else 16.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     g = torch.Generator().manual_seed(0)
     if name == "resnet18":
         from lai.data.vision import CifarPreprocess
         from lai.models.resnet import resnet18
 
-        b = batch or (512 if gpu else 128)
+        b = batch or (512 if size == "full" else 128)
         n, nv = b * 4, 1000
         x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
         xv = torch.randint(0, 256, (nv, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -128,31 +143,37 @@ def make_setup(name: str, gpu: bool, batch: int | None):
                             preprocess=CifarPreprocess((0.4914, 0.4822, 0.4465),
                                                        (0.2470, 0.2435, 0.2616), True))
         return resnet18(10), bundle, b, 100
+    if name not in ("bert", "gpt_neo"):
+        raise ValueError(f"unknown setup {name!r}: resnet18, bert or gpt_neo")
     import transformers
 
-    t = 128 if gpu else 64
-    vocab = 50257 if (gpu and name == "gpt_neo") else (30522 if gpu else 259)
-    b = batch or ((32 if name == "bert" else 8) if gpu else 16)
+    t = 64 if size == "tiny" else 128
+    vocab = 259 if size == "tiny" else (50257 if name == "gpt_neo" else 30522)
+    b = batch or {"tiny": 16, "small": 16 if name == "bert" else 8,
+                  "full": 32 if name == "bert" else 8}[size]
     n, nv = b * 4, 256
     ids = torch.randint(1, vocab, (n, t), generator=g)
     ids_v = torch.randint(1, vocab, (nv, t), generator=g)
     mask, mask_v = torch.ones_like(ids), torch.ones_like(ids_v)
     lengths, lengths_v = torch.full((n,), t), torch.full((nv,), t)
+    # width, layers, heads, FFN width. ``full``: bert-base and gpt-neo-125M (GPTNeoConfig's
+    # own defaults are the 1.3B model, so its shape is spelled out)
+    shape = {"tiny": (32, 2, 2, 64), "small": (384, 6, 12, 1536),
+             "full": (768, 12, 12, 3072)}[size]
     if name == "bert":
-        cfg = (transformers.BertConfig(num_labels=20, attn_implementation="eager") if gpu else
-               transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64,
-                                       num_labels=20, attn_implementation="eager"))
+        extra = dict(hidden_size=shape[0], num_hidden_layers=shape[1],
+                     num_attention_heads=shape[2], intermediate_size=shape[3])
+        cfg = transformers.BertConfig(vocab_size=vocab, num_labels=20,
+                                      attn_implementation="eager", **extra)
         model = transformers.BertForSequenceClassification(cfg)
         y, yv = (torch.randint(0, 20, (n,), generator=g), torch.randint(0, 20, (nv,), generator=g))
         task, classes = "classification", 20
     else:
-        kw = dict(attn_implementation="eager", use_cache=False)
-        cfg = (transformers.GPTNeoConfig(**kw) if gpu else
-               transformers.GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2,
-                                         num_heads=2, attention_types=[[["global", "local"], 1]],
-                                         intermediate_size=64, bos_token_id=None,
-                                         eos_token_id=None, **kw))
+        extra = dict(hidden_size=shape[0], num_layers=shape[1], num_heads=shape[2],
+                     attention_types=[[["global", "local"], shape[1] // 2]],
+                     intermediate_size=shape[3], bos_token_id=None, eos_token_id=None)
+        cfg = transformers.GPTNeoConfig(vocab_size=vocab, attn_implementation="eager",
+                                        use_cache=False, **extra)
         model = transformers.GPTNeoForCausalLM(cfg)
         y = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], 1)
         yv = torch.cat([ids_v[:, 1:], torch.full((nv, 1), -100)], 1)
@@ -165,6 +186,18 @@ def make_setup(name: str, gpu: bool, batch: int | None):
     return model, bundle, b, (64 if name == "bert" else b)
 
 
+def describe_model(model: torch.nn.Module) -> dict:
+    """What was measured: class, parameter count and (Hugging Face models) the config's shape,
+    recorded in the JSON so a table names the model that ran, not the one intended."""
+    out = {"class": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for key in ("hidden_size", "num_hidden_layers", "num_layers", "vocab_size"):
+            if getattr(cfg, key, None) is not None:
+                out[key] = getattr(cfg, key)
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,10 +207,10 @@ class MethodBench:
     """One method's Trainer on one setup, built as the runner builds it, with its batches
     already on the device (warm-up steps run by :meth:`warm`)."""
 
-    def __init__(self, setup: str, method: str, device: torch.device, batch: int | None,
-                 speed: dict, warmup: int):
+    def __init__(self, setup: str, method: str, device: torch.device, size: str,
+                 batch: int | None, speed: dict, warmup: int):
         torch.manual_seed(0)
-        model, data, b, n_val = make_setup(setup, device.type == "cuda", batch)
+        model, data, b, n_val = make_setup(setup, size, batch)
         self.device, self.b, self.n_val = device, b, n_val
         self.model = model.to(device)
         est_name = method.split("+")[0].split("/")[0]
@@ -259,8 +292,9 @@ class MethodBench:
                 "ghost_form": getattr(self.est, "active_mode", None)}
 
 
-def bench_setup(setup: str, methods: list[str], device: torch.device, steps: int, warmup: int,
-                batch: int | None, speed: dict, block: int = 4) -> dict[str, dict]:
+def bench_setup(setup: str, methods: list[str], device: torch.device, size: str, steps: int,
+                warmup: int, batch: int | None, speed: dict, block: int = 4
+                ) -> dict[str, dict]:
     """Measurements of every method on one setup.
 
     Memory, FLOPs, kernels and refresh time: each method alone in the process (built, measured,
@@ -272,12 +306,13 @@ def bench_setup(setup: str, methods: list[str], device: torch.device, steps: int
     """
     rows = {}
     for m in methods:
-        bench = MethodBench(setup, m, device, batch, speed, warmup)
+        bench = MethodBench(setup, m, device, size, batch, speed, warmup)
         rows[m] = bench.measure()
+        rows[m]["model"] = describe_model(bench.model)
         del bench
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    benches = {m: MethodBench(setup, m, device, batch, speed, warmup) for m in methods}
+    benches = {m: MethodBench(setup, m, device, size, batch, speed, warmup) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(max(1, steps // block)):
         for k in range(len(methods)):
@@ -299,6 +334,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4, help="steps between device syncs")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--size", default="auto", choices=("auto",) + SIZES,
+                    help="transformer sizes (see make_setup): auto = full on CUDA, tiny on CPU")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
@@ -320,10 +357,12 @@ def main() -> None:
     if methods[0] != "vanilla":
         methods.insert(0, "vanilla")  # every ratio is to vanilla, measured in this process
     steps = max(args.block, args.steps - args.steps % args.block)
+    size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "tiny")
+    default_size = size == ("full" if device.type == "cuda" else "tiny")
     report = {"device": gpu_name or f"cpu ({platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} threads)",
               "torch": torch.__version__, "python": platform.python_version(),
-              "steps": steps, "block": args.block, "warmup": args.warmup,
+              "size": size, "steps": steps, "block": args.block, "warmup": args.warmup,
               "speed": {**speed, "cudnn_benchmark": device.type == "cuda"}, "setups": {}}
     try:
         import transformers
@@ -336,8 +375,8 @@ def main() -> None:
     print(header)
     print("|" + "---|" * 13)
     for setup in args.setups.split(","):
-        rows = bench_setup(setup, methods, device, steps, args.warmup, args.batch, speed,
-                           args.block)
+        rows = bench_setup(setup, methods, device, size, steps, args.warmup, args.batch,
+                           speed, args.block)
         base = rows["vanilla"]
         for m, r in rows.items():
             r["time_ratio"] = r["step_ms"] / base["step_ms"]
@@ -368,7 +407,9 @@ def main() -> None:
             print(f"  {label} <= {bound}: {setup}: {state}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"online_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
+    # the default size keeps the name Table 4 reads; other sizes get their own file
+    path = out / (f"online_{'cuda' if device.type == 'cuda' else 'cpu'}"
+                  f"{'' if default_size else '_' + size}.json")
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path}")
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -30,3 +32,54 @@ def test_bench_smoke(tmp_path):
         assert r["peak_tensor_mb"] == r["peak_mem_mb"], name
     assert isinstance(rows["lai"]["mem_ratio"], float) and rows["lai"]["mem_ratio"] > 0
     assert rows["lai+filter/2pass"]["gflop"] < rows["vanilla"]["gflop"]
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_online",
+                                                  ROOT / "scripts" / "bench_online.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_sizes_build_the_named_models():
+    """``full`` is bert-base and gpt-neo-125M (GPTNeoConfig's own defaults are the 1.3B
+    model, which an earlier version of the script built by mistake)."""
+    bench = _bench_module()
+    expected = {("bert", "full"): (109e6, 110e6, 768, 12),
+                ("gpt_neo", "full"): (125e6, 126e6, 768, 12),
+                ("bert", "small"): (22e6, 23e6, 384, 6), ("gpt_neo", "small"): (30e6, 31e6, 384, 6)}
+    for (name, size), (lo, hi, width, layers) in expected.items():
+        model, data, batch, n_val = bench.make_setup(name, size, None)
+        desc = bench.describe_model(model)
+        assert lo <= desc["params"] <= hi, (name, size, desc)
+        assert desc["hidden_size"] == width, (name, size, desc)
+        assert desc.get("num_hidden_layers", desc.get("num_layers")) == layers, (name, size)
+        assert data.train.inputs["input_ids"].shape[1] == 128
+        assert int(data.train.inputs["input_ids"].max()) < desc["vocab_size"]
+        del model, data
+    tiny, _, batch, _ = bench.make_setup("gpt_neo", "tiny", None)
+    assert batch == 16 and bench.describe_model(tiny)["params"] < 1e6
+
+
+    with pytest.raises(ValueError, match="size must be one of"):
+        bench.make_setup("bert", "huge", None)
+    with pytest.raises(ValueError, match="unknown setup"):
+        bench.make_setup("t5", "tiny", None)
+
+
+def test_bench_non_default_size_writes_its_own_file(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--device",
+                        "cpu", "--setups", "bert", "--size", "small", "--batch", "2", "--steps",
+                        "2", "--block", "2", "--warmup", "1", "--methods", "vanilla,lli",
+                        "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not (tmp_path / "online_cpu.json").exists()  # Table 4's CPU file is not replaced
+    report = json.loads((tmp_path / "online_cpu_small.json").read_text())
+    assert report["size"] == "small"
+    model = report["setups"]["bert"]["vanilla"]["model"]
+    assert model["class"] == "BertForSequenceClassification" and model["hidden_size"] == 384

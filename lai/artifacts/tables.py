@@ -207,6 +207,8 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
             if not setup:
                 continue
             batch = setup["vanilla"].get("batch")
+            model = setup["vanilla"].get("model")  # recorded since the bench's --size option
+            size = f"{model['params'] / 1e6:.1f}M params, " if model else ""
             for method in T4_METHODS:
                 m = setup.get(method)
                 if m is None:
@@ -215,7 +217,7 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
                 name = P.display(method)
                 if m.get("ghost_form"):  # which of Ghost's two exact forms the trainer picked
                     name = f"{name} ({m['ghost_form']} form)"
-                rows.append([f"ours: {device}", f"{label} (batch {batch})", name,
+                rows.append([f"ours: {device}", f"{label} ({size}batch {batch})", name,
                              f"{m['gflop']:.2f} (×{m['gflop_ratio']:.2f})",
                              "n/a" if mem is None else
                              f"{mem:,.0f} (×{m['mem_ratio']:.2f})",
@@ -242,8 +244,9 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
     notes = ["Ours: `make bench` (scripts/bench_online.py), one process per device, FLOPs from "
              "torch.utils.flop_counter, one step = forward + valuation + backward + update; "
              "the validation-cache refresh is reported separately in results/bench/*.json.",
-             "GPU rows use the paper's model sizes (ResNet-18 batch 512, BERT-base, GPT-Neo-125M);"
-             " CPU rows use tiny presets, so their GFLOP are not comparable with the paper's.",
+             "GPU rows use the paper's model sizes (ResNet-18 batch 512, bert-base, "
+             "gpt-neo-125M); CPU rows use tiny presets, so their GFLOP are not comparable with "
+             "the paper's. The Setting column gives the parameter count of the model that ran.",
              "Peak memory: the CUDA allocator's peak on a GPU; on a CPU the peak of live tensor "
              "storage (lai.train.memory.PeakTensorMemory: no allocator rounding, caching or "
              "kernel workspaces), everything alive at the step's start included.",
@@ -252,6 +255,12 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "models with train-mode BatchNorm."]
     if not benches:
         notes.append("No results/bench/online_*.json found: run `make bench`.")
+    if any("size" not in b and not str(b.get("device", "cpu")).startswith("cpu")
+           and "gpt_neo" in b.get("setups", {}) for b in benches):
+        notes.append("The GPU run above predates the bench's record of the model it built: its "
+                     "GPT-Neo rows came from GPTNeoConfig's defaults, the 1.3B shape (24 layers, "
+                     "width 2048: 8.1 TFLOP per batch of 8 x 128 tokens), not gpt-neo-125M as "
+                     "the script then said. The script now builds 125M at --size full.")
     return Table("Table 4: cost of online valuation per batch", header, rows, notes), _long(long)
 
 

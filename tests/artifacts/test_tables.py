@@ -124,6 +124,30 @@ def test_table4_reads_bench_json(tmp_path):
     paper_ghost = next(r for r in table.rows if r[0] == "paper" and r[1] == "CIFAR-10N"
                        and r[2] == "Ghost")
     assert paper_ghost[3] == "209.13 (×3.65)"
+    assert not any("1.3B" in n for n in table.notes)  # no GPT-Neo rows in that run
+
+
+def test_table4_names_the_model_that_ran(tmp_path):
+    """A bench JSON with the model record puts its parameter count in the Setting column; a
+    GPU run from before that record, with GPT-Neo rows, gets the note that those rows were the
+    1.3B shape."""
+    (tmp_path / "bench").mkdir()
+    row = {"gflop": 1.0, "gflop_ratio": 1.0, "peak_mem_mb": 10.0, "mem_ratio": 1.0,
+           "time_ratio": 1.0, "batch": 8}
+    model = {"class": "GPTNeoForCausalLM", "params": 125_198_592, "hidden_size": 768}
+    (tmp_path / "bench" / "online_cpu.json").write_text(json.dumps(
+        {"device": "cpu (x86_64, 2 threads)", "size": "tiny", "steps": 2,
+         "setups": {"gpt_neo": {"vanilla": {**row, "model": model}}}}))
+    table, _ = table4(tmp_path)
+    ours = next(r for r in table.rows if r[0].startswith("ours: cpu"))
+    assert ours[1] == "GPT-Neo causal LM (125.2M params, batch 8)"
+    assert not any("1.3B" in n for n in table.notes)
+    (tmp_path / "bench" / "online_cuda.json").write_text(json.dumps(
+        {"device": "NVIDIA H100", "steps": 2, "setups": {"gpt_neo": {"vanilla": row}}}))
+    table, _ = table4(tmp_path)
+    old_gpu = next(r for r in table.rows if r[0] == "ours: NVIDIA H100")
+    assert old_gpu[1] == "GPT-Neo causal LM (batch 8)"
+    assert any("1.3B" in n for n in table.notes)
 
 
 def test_renderers_write_three_formats(tmp_path):
