@@ -158,7 +158,8 @@ class LAIEstimator(OnlineEstimator):
         self.shapes: dict[LayerKey, torch.Size] = {}   # per-sample input shape (validation)
         self.M: dict[LayerKey, torch.Tensor] = {}      # folded
         self.phi_v: dict[LayerKey, torch.Tensor] = {}  # pairwise
-        self.g_v: torch.Tensor | None = None           # [|V|, T_out, K]
+        self.g_v: torch.Tensor | None = None           # [|V|, T_out, K], pairwise only
+        self.g_shape: torch.Size | None = None         # (T_out, K) of the validation side
         self._nhwc: dict[int, torch.Tensor] = {}
         self._shared: dict[LayerKey, bool] = {}        # cache entry read by several layers
         self.n_val = 0
@@ -216,7 +217,10 @@ class LAIEstimator(OnlineEstimator):
         pairwise_size = n * (sum(p.shape[1] for p in phis.values()) + t_out * k)
         self.folded = self.cache_mode == "folded" or (
             self.cache_mode == "auto" and folded_size <= pairwise_size)
-        self.n_val, self.g_v, self.M, self.phi_v = n, g_v, {}, {}
+        # the folded form has g_v inside M: keeping it too would hold |V| T_out K numbers
+        # for nothing (200 MiB for an LM with GPT-2's vocabulary at |V| = 8, T = 128)
+        self.n_val, self.g_v, self.M, self.phi_v = n, (None if self.folded else g_v), {}, {}
+        self.g_shape = g_v.shape[1:]
         self._nhwc = {}  # id(cache entry) -> the entry in (H, W, C) row order
         for key, phi in phis.items():
             if self.token[key]:
@@ -239,7 +243,7 @@ class LAIEstimator(OnlineEstimator):
     def cache_bytes(self) -> int:
         """Bytes held by the validation cache (a tensor shared by several layers once)."""
         tensors = {id(t): t for t in list(self.M.values()) + list(self.phi_v.values())}
-        if self.g_v is not None and not self.folded:
+        if self.g_v is not None:
             tensors[id(self.g_v)] = self.g_v
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -312,7 +316,7 @@ class LAIEstimator(OnlineEstimator):
 
     def _flat_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Train gradients re-laid in the validation cache's ``[T_out, K]`` layout."""
-        return align_rows(g.reshape(g.shape[0], -1), g.shape[1:], self.g_v.shape[1:])
+        return align_rows(g.reshape(g.shape[0], -1), g.shape[1:], self.g_shape)
 
     @torch.no_grad()
     def pairwise(self, capture: _ScoreCapture) -> torch.Tensor:

@@ -106,3 +106,41 @@ def test_gpt_neo_sequence_classification_lli_exact():
     a = value(model, tr, va, method="lai", cache="folded")
     b = value(model, tr, va, method="lai", cache="pairwise")
     assert rel_err(a, b) < REL and a.abs().sum() > 0
+
+
+def _held_tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj.__dict__`` (dicts, lists,
+    tuples followed): what the estimator keeps alive between refreshes."""
+    seen, stack = {}, [vars(obj)]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["lai", "lli"])
+@pytest.mark.parametrize("cache", ["folded", "pairwise"])
+def test_lm_cache_holds_only_what_its_form_reads(cache, method):
+    """The folded form reads only M (the validation output gradients are folded into it), so
+    it must not also keep ``g_v [|V|, T, vocab]``, the largest tensor of an LM's cache; what the
+    estimator holds is exactly ``cache_bytes()``, and values are unchanged."""
+    from lai.batching import as_batch
+    from lai.estimators.lai import LAIEstimator
+
+    model = tiny_lm()
+    tr, va = lm_batch(4, 8, 40, 1), lm_batch(3, 10, 40, 2)
+    est = LAIEstimator(layers="lli" if method == "lli" else "all", cache=cache)
+    est.refresh(model, as_batch(va))
+    assert (est.g_v is None) == (cache == "folded")
+    assert _held_tensor_bytes(est) == est.cache_bytes() > 0
+    other = value(model, tr, va, method=method,
+                  cache="pairwise" if cache == "folded" else "folded")
+    with est.capture(model, as_batch(tr)) as cap:
+        model(**strip(tr))
+    assert rel_err(est.score(cap), other) < REL
