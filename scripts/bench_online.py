@@ -55,17 +55,19 @@ cuDNN autotuning is on for CUDA.
 Timing: steps run back to back and the device is synchronised only at the end of each block
 of ``--block`` steps (so a host sync *inside* a step shows up as lost overlap, as in real
 training); the step time is the median over blocks of block time / block. The methods of a
-setup are timed side by side, in rounds of one block each with the order rotating, so that
-drift in the machine's speed hits all of them alike; memory, FLOPs, kernels and the refresh
-are measured with each method alone in the process (``bench_setup``). The pending
-per-step statistics are flushed at the end of every block, inside the timed region (real
-runs flush every ``trainer.log_every`` = 50 steps, so this overstates that cost). Each row
-also records ``ops`` (aten kernels dispatched by one step, a launch-overhead proxy that does
-not depend on the machine's load) and ``syncs`` (host synchronisations in one step), both
-counted by ``lai.train.syncs.DeviceWork``.
+setup are timed side by side, in rounds of one block each with the order rotating (after one
+untimed round), so that drift in the machine's speed hits all of them alike; ``time_ratio``
+is the median over rounds of a block's time over vanilla's block in the same round
+(``time_ratio_of_medians``, the ratio of the two medians, is kept beside it); memory, FLOPs,
+kernels and the refresh are measured with each method alone in the process
+(``bench_setup``). The pending per-step statistics are flushed at the end of every block,
+inside the timed region (real runs flush every ``trainer.log_every`` = 50 steps, so this
+overstates that cost). Each row also records ``ops`` (aten kernels dispatched by one step, a
+launch-overhead proxy that does not depend on the machine's load) and ``syncs`` (host
+synchronisations in one step), both counted by ``lai.train.syncs.DeviceWork``.
 
-Results go to ``results/bench/online_<device>.json``, with the device name and library
-versions. The last lines printed compare the measurements with issue 6's targets.
+Results go to ``results/bench/online_<device>.json`` (``online_<device>_<size>.json`` at a
+non-default ``--size``), with the device name, library versions and the models built. The last lines printed compare the measurements with issue 6's targets.
 """
 from __future__ import annotations
 
@@ -304,6 +306,8 @@ def bench_setup(setup: str, methods: list[str], device: torch.device, size: str,
     the machine's speed (other load, clocks) then hits every method alike instead of whichever
     ran during it.
     """
+    if "vanilla" not in methods:
+        raise ValueError("every ratio is to vanilla: include it in methods")
     rows = {}
     for m in methods:
         bench = MethodBench(setup, m, device, size, batch, speed, warmup)
@@ -313,13 +317,19 @@ def bench_setup(setup: str, methods: list[str], device: torch.device, size: str,
         if device.type == "cuda":
             torch.cuda.empty_cache()
     benches = {m: MethodBench(setup, m, device, size, batch, speed, warmup) for m in methods}
+    for m in methods:  # one untimed round: the first block after the others were built is slow
+        benches[m].time_block(block)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(max(1, steps // block)):
         for k in range(len(methods)):
             m = methods[(r + k) % len(methods)]
             times[m].append(benches[m].time_block(block))
+    base = times["vanilla"]
     for m in methods:
-        rows[m].update(step_ms=statistics.median(times[m]), step_ms_all=times[m])
+        rows[m].update(step_ms=statistics.median(times[m]), step_ms_all=times[m],
+                       # each round's block against vanilla's block of the same round, then
+                       # the median: drift slower than a round cancels out of the ratio
+                       time_ratio=statistics.median(t / v for t, v in zip(times[m], base)))
     del benches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -379,7 +389,7 @@ def main() -> None:
                            speed, args.block)
         base = rows["vanilla"]
         for m, r in rows.items():
-            r["time_ratio"] = r["step_ms"] / base["step_ms"]
+            r["time_ratio_of_medians"] = r["step_ms"] / base["step_ms"]
             r["gflop_ratio"] = r["gflop"] / base["gflop"] if base["gflop"] else None
             r["mem_ratio"] = (r["peak_mem_mb"] / base["peak_mem_mb"]
                               if r["peak_mem_mb"] and base["peak_mem_mb"] else None)

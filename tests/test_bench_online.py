@@ -31,6 +31,11 @@ def test_bench_smoke(tmp_path):
         assert r["peak_mem_mb"] > r["mem_start_mb"] > 0, name
         assert r["peak_tensor_mb"] == r["peak_mem_mb"], name
     assert isinstance(rows["lai"]["mem_ratio"], float) and rows["lai"]["mem_ratio"] > 0
+    # the time ratio pairs each block with vanilla's block of the same round
+    assert rows["vanilla"]["time_ratio"] == 1.0
+    lai_t, van_t = rows["lai"]["step_ms_all"], rows["vanilla"]["step_ms_all"]
+    assert len(lai_t) == len(van_t) == 1
+    assert abs(rows["lai"]["time_ratio"] - lai_t[0] / van_t[0]) < 1e-12
     assert rows["lai+filter/2pass"]["gflop"] < rows["vanilla"]["gflop"]
 
 
