@@ -56,8 +56,9 @@ Timing: steps run back to back and the device is synchronised only at the end of
 of ``--block`` steps (so a host sync *inside* a step shows up as lost overlap, as in real
 training); the step time is the median over blocks of block time / block. The methods of a
 setup are timed side by side, in rounds of one block each with the order rotating (after one
-untimed round), so that drift in the machine's speed hits all of them alike; ``time_ratio``
-is the median over rounds of a block's time over vanilla's block in the same round
+untimed round; at least ``--steps`` steps, and more rounds until vanilla's timed steps add
+up to ``--min-seconds``), so that drift in the machine's speed hits all of them alike;
+``time_ratio`` is the median over rounds of a block's time over vanilla's block in the same round
 (``time_ratio_of_medians``, the ratio of the two medians, is kept beside it); memory, FLOPs,
 kernels and the refresh are measured with each method alone in the process
 (``bench_setup``). The pending per-step statistics are flushed at the end of every block,
@@ -67,7 +68,8 @@ launch-overhead proxy that does not depend on the machine's load) and ``syncs`` 
 synchronisations in one step), both counted by ``lai.train.syncs.DeviceWork``.
 
 Results go to ``results/bench/online_<device>.json`` (``online_<device>_<size>.json`` at a
-non-default ``--size``), with the device name, library versions and the models built. The last lines printed compare the measurements with issue 6's targets.
+non-default ``--size``), with the device name, library versions and the models built. The
+last lines printed compare the measurements with issue 6's targets.
 """
 from __future__ import annotations
 
@@ -295,8 +297,8 @@ class MethodBench:
 
 
 def bench_setup(setup: str, methods: list[str], device: torch.device, size: str, steps: int,
-                warmup: int, batch: int | None, speed: dict, block: int = 4
-                ) -> dict[str, dict]:
+                warmup: int, batch: int | None, speed: dict, block: int = 4,
+                min_seconds: float = 0.0) -> dict[str, dict]:
     """Measurements of every method on one setup.
 
     Memory, FLOPs, kernels and refresh time: each method alone in the process (built, measured,
@@ -320,10 +322,15 @@ def bench_setup(setup: str, methods: list[str], device: torch.device, size: str,
     for m in methods:  # one untimed round: the first block after the others were built is slow
         benches[m].time_block(block)
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for r in range(max(1, steps // block)):
+    r = 0
+    # at least steps // block rounds, and more until vanilla has run min_seconds: a tiny
+    # model's 10 ms steps would otherwise be timed over a fraction of a second, where the
+    # scheduler's jitter is as large as the differences measured
+    while r < max(1, steps // block) or sum(times["vanilla"]) * block / 1e3 < min_seconds:
         for k in range(len(methods)):
             m = methods[(r + k) % len(methods)]
             times[m].append(benches[m].time_block(block))
+        r += 1
     base = times["vanilla"]
     for m in methods:
         rows[m].update(step_ms=statistics.median(times[m]), step_ms_all=times[m],
@@ -342,6 +349,8 @@ def main() -> None:
     ap.add_argument("--setups", default="resnet18,bert,gpt_neo")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--block", type=int, default=4, help="steps between device syncs")
+    ap.add_argument("--min-seconds", type=float, default=5.0,
+                    help="time more rounds until vanilla's timed steps add up to this")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--size", default="auto", choices=("auto",) + SIZES,
@@ -372,7 +381,8 @@ def main() -> None:
     report = {"device": gpu_name or f"cpu ({platform.processor() or platform.machine()}, "
                                     f"{torch.get_num_threads()} threads)",
               "torch": torch.__version__, "python": platform.python_version(),
-              "size": size, "steps": steps, "block": args.block, "warmup": args.warmup,
+              "size": size, "steps": steps, "min_seconds": args.min_seconds,
+              "block": args.block, "warmup": args.warmup,
               "speed": {**speed, "cudnn_benchmark": device.type == "cuda"}, "setups": {}}
     try:
         import transformers
@@ -386,7 +396,7 @@ def main() -> None:
     print("|" + "---|" * 13)
     for setup in args.setups.split(","):
         rows = bench_setup(setup, methods, device, size, steps, args.warmup, args.batch,
-                           speed, args.block)
+                           speed, args.block, args.min_seconds)
         base = rows["vanilla"]
         for m, r in rows.items():
             r["time_ratio_of_medians"] = r["step_ms"] / base["step_ms"]

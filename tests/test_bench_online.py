@@ -15,7 +15,7 @@ def test_bench_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--device",
                         "cpu", "--setups", "resnet18", "--batch", "4", "--steps", "2",
-                        "--block", "2", "--warmup", "1", "--methods",
+                        "--block", "2", "--warmup", "1", "--min-seconds", "0", "--methods",
                         "vanilla,lai,lai+filter/2pass", "--out", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -34,7 +34,7 @@ def test_bench_smoke(tmp_path):
     # the time ratio pairs each block with vanilla's block of the same round
     assert rows["vanilla"]["time_ratio"] == 1.0
     lai_t, van_t = rows["lai"]["step_ms_all"], rows["vanilla"]["step_ms_all"]
-    assert len(lai_t) == len(van_t) == 1
+    assert len(lai_t) == len(van_t) == 1  # --steps 2 --block 2 --min-seconds 0: one round
     assert abs(rows["lai"]["time_ratio"] - lai_t[0] / van_t[0]) < 1e-12
     assert rows["lai+filter/2pass"]["gflop"] < rows["vanilla"]["gflop"]
 
@@ -79,7 +79,8 @@ def test_bench_non_default_size_writes_its_own_file(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--device",
                         "cpu", "--setups", "bert", "--size", "small", "--batch", "2", "--steps",
-                        "2", "--block", "2", "--warmup", "1", "--methods", "vanilla,lli",
+                        "2", "--block", "2", "--warmup", "1", "--min-seconds", "0",
+                        "--methods", "vanilla,lli",
                         "--out", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -88,3 +89,20 @@ def test_bench_non_default_size_writes_its_own_file(tmp_path):
     assert report["size"] == "small"
     model = report["setups"]["bert"]["vanilla"]["model"]
     assert model["class"] == "BertForSequenceClassification" and model["hidden_size"] == 384
+
+
+def test_bench_times_more_rounds_until_min_seconds():
+    """A fast setup gets rounds beyond ``--steps`` until vanilla's timed steps add up to
+    ``min_seconds``; every method gets the same number of rounds."""
+    import torch
+
+    bench = _bench_module()
+    speed = {"precision": "fp32", "channels_last": "auto", "compile": False}
+    rows = bench.bench_setup("resnet18", ["vanilla", "lli"], torch.device("cpu"), "tiny",
+                             steps=2, warmup=1, batch=2, speed=speed, block=2, min_seconds=0.3)
+    van, lli = rows["vanilla"]["step_ms_all"], rows["lli"]["step_ms_all"]
+    assert len(van) == len(lli) > 1
+    assert sum(van) * 2 / 1e3 >= 0.3
+    with pytest.raises(ValueError, match="include it"):
+        bench.bench_setup("resnet18", ["lli"], torch.device("cpu"), "tiny", steps=2, warmup=1,
+                          batch=2, speed=speed)

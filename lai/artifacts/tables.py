@@ -187,12 +187,16 @@ T4_METHODS = ("vanilla", "ghost", "lli", "lai")
 
 
 def _bench_files(results: Path) -> list[dict]:
-    out = []
-    for name in ("online_cuda.json", "online_cpu.json"):
-        path = Path(results) / "bench" / name
-        if path.is_file():
-            out.append(json.loads(path.read_text()))
-    return out
+    """``make bench`` reports: the default sizes (``online_cuda.json``, ``online_cpu.json``)
+    first, then any other size (``online_<device>_<size>.json``)."""
+    folder = Path(results) / "bench"
+    main = [folder / "online_cuda.json", folder / "online_cpu.json"]
+    others = sorted(set(folder.glob("online_*_*.json")) - set(main))
+    return [json.loads(path.read_text()) for path in main + others if path.is_file()]
+
+
+def _param_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def table4(results: Path) -> tuple[Table, pd.DataFrame]:
@@ -208,7 +212,7 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
                 continue
             batch = setup["vanilla"].get("batch")
             model = setup["vanilla"].get("model")  # recorded since the bench's --size option
-            size = f"{model['params'] / 1e6:.1f}M params, " if model else ""
+            size = f"{_param_count(model['params'])} params, " if model else ""
             for method in T4_METHODS:
                 m = setup.get(method)
                 if m is None:
@@ -245,8 +249,9 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "torch.utils.flop_counter, one step = forward + valuation + backward + update; "
              "the validation-cache refresh is reported separately in results/bench/*.json.",
              "GPU rows use the paper's model sizes (ResNet-18 batch 512, bert-base, "
-             "gpt-neo-125M); CPU rows use tiny presets, so their GFLOP are not comparable with "
-             "the paper's. The Setting column gives the parameter count of the model that ran.",
+             "gpt-neo-125M); CPU rows use tiny presets (and, from online_cpu_small.json, the "
+             "all-MiniLM-L6 shape), so their GFLOP are not comparable with the paper's. The "
+             "Setting column gives the parameter count of the model that ran.",
              "Peak memory: the CUDA allocator's peak on a GPU; on a CPU the peak of live tensor "
              "storage (lai.train.memory.PeakTensorMemory: no allocator rounding, caching or "
              "kernel workspaces), everything alive at the step's start included.",

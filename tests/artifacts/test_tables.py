@@ -142,6 +142,15 @@ def test_table4_names_the_model_that_ran(tmp_path):
     ours = next(r for r in table.rows if r[0].startswith("ours: cpu"))
     assert ours[1] == "GPT-Neo causal LM (125.2M params, batch 8)"
     assert not any("1.3B" in n for n in table.notes)
+    # another size's file is read too, after the default ones; small counts in thousands
+    tiny = {"class": "BertForSequenceClassification", "params": 43_604}
+    (tmp_path / "bench" / "online_cpu_small.json").write_text(json.dumps(
+        {"device": "cpu (small)", "size": "small", "steps": 2,
+         "setups": {"bert": {"vanilla": {**row, "model": tiny}}}}))
+    table, _ = table4(tmp_path)
+    ours = [r for r in table.rows if r[0].startswith("ours")]
+    assert [r[0] for r in ours] == ["ours: cpu (x86_64, 2 threads)", "ours: cpu (small)"]
+    assert ours[1][1] == "BERT classifier (43.6k params, batch 8)"
     (tmp_path / "bench" / "online_cuda.json").write_text(json.dumps(
         {"device": "NVIDIA H100", "steps": 2, "setups": {"gpt_neo": {"vanilla": row}}}))
     table, _ = table4(tmp_path)
