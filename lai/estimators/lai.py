@@ -97,6 +97,9 @@ class _ScoreCapture:
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
         self.last_term: tuple | None = None  # token term of the last layer (phi, src, term)
+        # folded token terms left for score(), gradient side first:
+        # [phi [B, T, D], M [K, D], how many layers read them, the hook's phi]
+        self.deferred: list[list] = []
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -162,6 +165,7 @@ class LAIEstimator(OnlineEstimator):
         self.g_shape: torch.Size | None = None         # (T_out, K) of the validation side
         self._nhwc: dict[int, torch.Tensor] = {}
         self._shared: dict[LayerKey, bool] = {}        # cache entry read by several layers
+        self._defer_tokens = False  # folded token terms contracted from the gradient side
         self.n_val = 0
 
     # ---- validation cache -------------------------------------------------------------
@@ -239,6 +243,15 @@ class LAIEstimator(OnlineEstimator):
             if key != src:
                 (self.M if self.folded else self.phi_v)[key] = (
                     self.M if self.folded else self.phi_v)[src]
+        # Folded token terms sum_t <G_{j,t}, M_l phi_l(j,t)> need a [B, T, K] accumulator when
+        # added layer by layer during the forward; read from the gradient side after it,
+        # sum_t <M_l^T G_{j,t}, phi_l(j,t)>, they need the layers' inputs kept instead
+        # ([B, T, D_l] each, once per distinct input). Same products, same values; the smaller
+        # of the two is kept: the gradient side for a language model's output layer alone
+        # (LLI: K = vocabulary >> d), the accumulator when many layers are paired.
+        token_dims = {src: dims[src] for src in set(same_as.values()) if self.token[src]}
+        self._defer_tokens = (self.folded and bool(token_dims)
+                              and k > sum(token_dims.values()))
 
     def cache_bytes(self) -> int:
         """Bytes held by the validation cache (a tensor shared by several layers once)."""
@@ -280,6 +293,13 @@ class LAIEstimator(OnlineEstimator):
                 # same rows, same cache tensor (q/k/v of one attention block): the same
                 # term, added again instead of recomputed (the product is B T K D_l)
                 cap.acc_tok = _add(cap.acc_tok, last[2])
+                return
+            if self.folded and self._defer_tokens:  # contracted in score(), see refresh()
+                last = cap.deferred[-1] if cap.deferred else None
+                if last is not None and last[3] is phi_in and last[1] is src:
+                    last[2] += 1  # q/k/v: the same rows and cache entry, the same term again
+                else:
+                    cap.deferred.append([phi, src, 1, phi_in])
                 return
             if self.folded:  # [B, T, K]
                 if not self._shared.get(key, False):  # no other layer reads this entry
@@ -352,6 +372,11 @@ class LAIEstimator(OnlineEstimator):
         v = None
         if capture.acc_tok is not None:
             v = (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
+        for phi, m, count, _ in capture.deferred:  # sum_t <M^T G_{j,t}, phi(j,t)>
+            b, t = phi.shape[0], phi.shape[1]
+            h = g.to(m.dtype).reshape(b * t, -1) @ m
+            term = (h.view(b, t, -1) * phi.to(m.dtype)).sum((1, 2))
+            v = _add(v, term if count == 1 else term * count)
         if capture.acc_flat is not None:
             v = _add(v, (self._flat_gradient(g).to(capture.acc_flat.dtype)
                          * capture.acc_flat).sum(1))

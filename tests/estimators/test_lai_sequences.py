@@ -144,3 +144,37 @@ def test_lm_cache_holds_only_what_its_form_reads(cache, method):
     with est.capture(model, as_batch(tr)) as cap:
         model(**strip(tr))
     assert rel_err(est.score(cap), other) < REL
+
+
+def test_lm_output_layer_term_from_the_gradient_side():
+    """LLI's folded term on an LM (K = vocabulary > d) is contracted after the forward as
+    sum_t <M^T G_{j,t}, phi(j,t)> instead of through a [B, T, vocab] accumulator: the same
+    values as the accumulator path and as brute force, and a lower peak of live tensors."""
+    from lai.batching import as_batch
+    from lai.estimators.lai import LAIEstimator
+    from lai.train.memory import PeakTensorMemory
+
+    cfg = transformers.GPTNeoConfig(vocab_size=400, hidden_size=8, num_layers=1, num_heads=2,
+                                    attention_types=[[["global"], 1]], max_position_embeddings=32,
+                                    intermediate_size=16, attn_implementation="eager",
+                                    bos_token_id=None, eos_token_id=None,
+                                    tie_word_embeddings=False)
+    model = transformers.GPTNeoForCausalLM(cfg).eval()
+    tr, va = lm_batch(6, 12, 400, 1), lm_batch(3, 10, 400, 2)
+    gt = brute.per_sample_grads(model, ["lm_head.weight"], strip(tr), tr["labels"], True)
+    gv = brute.per_sample_grads(model, ["lm_head.weight"], strip(va), va["labels"], True)
+    ref = gt @ gv.sum(0)
+    est = LAIEstimator(layers="lli", cache="folded")
+    est.refresh(model, as_batch(va))
+    assert est._defer_tokens  # 400 > 8
+    out, peaks = {}, {}
+    for defer in (True, False):
+        est._defer_tokens = defer
+        with PeakTensorMemory() as mem:
+            with est.capture(model, as_batch(tr)) as cap:
+                model(**strip(tr))
+            out[defer] = est.score(cap)
+            del cap
+        peaks[defer] = mem.peak_mib
+    assert rel_err(out[True], ref) < REL and rel_err(out[False], ref) < REL
+    assert peaks[True] < peaks[False]
