@@ -34,9 +34,14 @@ Two exact ways to evaluate it (DESIGN.md §1), chosen by size (``cache="auto"``)
 - **pairwise**: keep ``phi_l(z)`` and ``G_z`` and contract per pair: cheaper when ``K`` (or
   ``T K``) exceeds |V|, e.g. language models with a large vocabulary.
 
-Both run inside forward hooks, layer by layer, so no layer input outlives its layer. Token
-layers whose validation and training batches were padded to different lengths are aligned
-by zero-padding/truncating the position axis; padded positions are zero, so nothing changes.
+Both run inside forward hooks, layer by layer, so no layer input outlives its layer, with
+one exception: folded token terms whose output width ``K`` exceeds the summed widths of the
+paired inputs (a language model's vocabulary, e.g. LLI's output layer) keep their inputs
+until :meth:`LAIEstimator.score` and are contracted from the gradient side,
+``sum_t <M_l^T G_{j,t}, phi_l(j,t)>``: the same products without a ``[B, T, K]``
+accumulator. Token layers whose validation and training batches were padded to different
+lengths are aligned by zero-padding/truncating the position axis; padded positions are zero,
+so nothing changes.
 """
 from __future__ import annotations
 
