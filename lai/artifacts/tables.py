@@ -190,9 +190,9 @@ def _bench_files(results: Path) -> list[dict]:
     """``make bench`` reports: the default sizes (``online_cuda.json``, ``online_cpu.json``)
     first, then any other size (``online_<device>_<size>.json``)."""
     folder = Path(results) / "bench"
-    main = [folder / "online_cuda.json", folder / "online_cpu.json"]
-    others = sorted(set(folder.glob("online_*_*.json")) - set(main))
-    return [json.loads(path.read_text()) for path in main + others if path.is_file()]
+    paths = [folder / "online_cuda.json", folder / "online_cpu.json",
+             *sorted(folder.glob("online_*_*.json"))]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
 
 
 def _param_count(n: int) -> str:
@@ -260,12 +260,14 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "models with train-mode BatchNorm."]
     if not benches:
         notes.append("No results/bench/online_*.json found: run `make bench`.")
-    if any("size" not in b and not str(b.get("device", "cpu")).startswith("cpu")
-           and "gpt_neo" in b.get("setups", {}) for b in benches):
-        notes.append("The GPU run above predates the bench's record of the model it built: its "
-                     "GPT-Neo rows came from GPTNeoConfig's defaults, the 1.3B shape (24 layers, "
-                     "width 2048: 8.1 TFLOP per batch of 8 x 128 tokens), not gpt-neo-125M as "
-                     "the script then said. The script now builds 125M at --size full.")
+    for b in benches:  # GPU runs made before the bench recorded the model it built
+        neo = b.get("setups", {}).get("gpt_neo", {}).get("vanilla")
+        if neo and "size" not in b and not str(b.get("device", "cpu")).startswith("cpu"):
+            notes.append(f"The {b['device']} run predates the bench's record of the model it "
+                         "built: its GPT-Neo rows came from GPTNeoConfig's defaults, the 1.3B "
+                         f"shape (24 layers, width 2048: {neo['gflop'] / 1e3:.1f} TFLOP per "
+                         f"batch of {neo.get('batch')}), not gpt-neo-125M as the script then "
+                         "said. The script now builds 125M at --size full.")
     return Table("Table 4: cost of online valuation per batch", header, rows, notes), _long(long)
 
 

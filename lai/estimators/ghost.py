@@ -253,9 +253,15 @@ class GhostEstimator(OnlineEstimator):
                 logits = logits.float()
             loss = per_sample_loss(logits, batch.labels).sum()
             grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-        ghost_probe.check_coverage(cap, [self._tangents[id(p)] for p in self._params],
-                                   list(grads), 5e-2 if cap.low_precision else 1e-3)
+        self._check_sum_rule(cap, list(grads))
         return ghost_probe.probe_values(cap)
+
+    def _check_sum_rule(self, capture: "ghost_probe.ProbeCapture",
+                        grads: list[torch.Tensor | None]) -> None:
+        """:func:`ghost_probe.check_coverage` against ``grads`` (one per trainable parameter);
+        looser for bf16 output gradients."""
+        ghost_probe.check_coverage(capture, [self._tangents[id(p)] for p in self._params], grads,
+                                   5e-2 if capture.low_precision else 1e-3)
 
     def score(self, capture) -> torch.Tensor:
         """``[B]`` Ghost values of the captured batch (positive = helps). Probe form: call it
@@ -263,9 +269,7 @@ class GhostEstimator(OnlineEstimator):
         the sum rule against the parameters' ``.grad`` (:func:`ghost_probe.check_coverage`)."""
         if isinstance(capture, ghost_probe.ProbeCapture):
             if not self._coverage_checked and capture.acc is not None:
-                tol = 5e-2 if capture.low_precision else 1e-3  # bf16 output gradients
-                ghost_probe.check_coverage(capture, [self._tangents[id(p)] for p in self._params],
-                                           [p.grad for p in self._params], tol)
+                self._check_sum_rule(capture, [p.grad for p in self._params])
                 self._coverage_checked = True
             return ghost_probe.probe_values(capture)
         if capture.values is None:

@@ -299,7 +299,7 @@ class LAIEstimator(OnlineEstimator):
                 # term, added again instead of recomputed (the product is B T K D_l)
                 cap.acc_tok = _add(cap.acc_tok, last[2])
                 return
-            if self.folded and self._defer_tokens:  # contracted in score(), see refresh()
+            if self._defer_tokens:  # folded, contracted in score(): see refresh()
                 last = cap.deferred[-1] if cap.deferred else None
                 if last is not None and last[3] is phi_in and last[1] is src:
                     last[2] += 1  # q/k/v: the same rows and cache entry, the same term again
