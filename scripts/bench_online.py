@@ -30,6 +30,9 @@ Measured per method:
   freed; no allocator rounding or caching, no kernel workspaces). ``mem_start_mb`` is what was
   already allocated when the step began. On every device the tensor-storage measurement is
   also recorded (``peak_tensor_mb``, ``tensor_start_mb``), a cross-check on CUDA;
+- ``gpu_busy_ms`` (CUDA only): per step, the time the GPU ran something (the union of kernel,
+  copy and memset intervals in a ``torch.profiler`` trace of 4 steps). Beside ``step_ms`` it
+  says whether the step is bound by the device or by the host that dispatches it;
 - the ratio of each of these to vanilla, measured in the same process;
 - the cost of one validation-cache refresh (|V| samples), reported separately, as a fraction
   of a vanilla step, and added to the step for the per-step cost at ``refresh_every=1``
@@ -67,6 +70,11 @@ overstates that cost). Each row also records ``ops`` (aten kernels dispatched by
 launch-overhead proxy that does not depend on the machine's load) and ``syncs`` (host
 synchronisations in one step), both counted by ``lai.train.syncs.DeviceWork``.
 
+Counts taken under a PyTorch dispatch mode (ops, FLOPs, the tensor-storage peak) that fail on
+CUDA under bf16 autocast are taken again with autocast off and say so in ``count_notes``
+(see ``MethodBench._counted``). The JSON is rewritten after every setup; a setup that raises
+is recorded under ``failed`` and the others still run (the exit status is then non-zero).
+
 Results go to ``results/bench/online_<device>.json`` (``online_<device>_<size>.json`` at a
 non-default ``--size``), with the device name, library versions and the models built. The
 last lines printed compare the measurements with issue 6's targets.
@@ -80,6 +88,8 @@ import platform
 import statistics
 import sys
 import time
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -117,6 +127,7 @@ class _NullRecorder:
 
 
 SIZES = ("tiny", "small", "full")
+SETUPS = ("resnet18", "bert", "gpt_neo")
 
 
 def make_setup(name: str, size: str, batch: int | None):
@@ -207,6 +218,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_busy_ms(run_steps, n: int) -> float:
+    """Milliseconds per step during which the GPU ran something (kernels, copies, memsets):
+    the union of their intervals in a ``torch.profiler`` trace of ``run_steps(n)``, over
+    ``n``. Beside the step's wall time it says whether a step is bound by the device or by
+    the host's dispatch of it (where the GPU sits idle between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_steps(n)
+        torch.cuda.synchronize()
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA
+             and not getattr(e, "is_user_annotation", False)]  # annotations span kernels
+    return union_length(spans) / 1e3 / n
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals ``(start, end)``: overlaps count once."""
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
 class MethodBench:
     """One method's Trainer on one setup, built as the runner builds it, with its batches
     already on the device (warm-up steps run by :meth:`warm`)."""
@@ -256,6 +293,34 @@ class MethodBench:
         _sync(self.device)
         return (time.perf_counter() - t0) * 1e3 / n
 
+    def _counted(self, make_mode, flush: bool, fp32_fallback: bool = True):
+        """(the mode after one step run under it, a note or None).
+
+        On CUDA under bf16 autocast, torchvision's ResNet-18 has failed inside a dispatch mode
+        (torch 2.11, H100: a convolution met an fp32 input); there the step is counted again with
+        autocast off (``fp32_fallback``: FLOPs depend on shapes only, and the kernel count then
+        lacks autocast's casts) and the note says so; with no fallback the result is None. On the
+        CPU any failure is raised: its memory measurement is this one.
+        """
+        try:
+            with make_mode() as mode:
+                self.run(1, flush=flush)
+            return mode, None
+        except RuntimeError as err:
+            if self.device.type != "cuda":
+                raise
+            first = str(err).splitlines()[0][:200]
+        if not fp32_fallback:
+            return None, f"failed under bf16 autocast: {first}"
+        saved = self.tr._autocast, self.est.forward_context
+        self.tr._autocast = self.est.forward_context = nullcontext
+        try:
+            with make_mode() as mode:
+                self.run(1, flush=flush)
+        finally:
+            self.tr._autocast, self.est.forward_context = saved
+        return mode, f"counted with autocast off (bf16 failed: {first})"
+
     def measure(self) -> dict:
         """Everything but the step time: refresh time, peak memory, kernels, syncs, FLOPs."""
         device = self.device
@@ -277,22 +342,36 @@ class MethodBench:
             self.run(1)
             _sync(device)
             peak, mem_method = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocator"
+        # the three counts below run one step each under a PyTorch dispatch mode; see _counted
+        work, work_note = self._counted(DeviceWork, flush=False)  # one step's kernels and syncs
+        counter, flop_note = self._counted(lambda: FlopCounterMode(display=False), flush=False)
+        self.tr._flush(0, self.i, self.stats)
         # live tensor storage (any device): the CPU's measurement, and a cross-check on CUDA
-        with PeakTensorMemory(device=device.type) as mem:
-            self.run(1)
+        gpu_ms = gpu_note = None
+        if device.type == "cuda":
+            try:
+                gpu_ms = device_busy_ms(lambda k: self.run(k, flush=False), 4)
+            except Exception as err:  # noqa: BLE001 -- a diagnostic; the step's rows stand
+                gpu_note = f"device_busy_ms failed: {str(err).splitlines()[0][:200]}"
+            self.tr._flush(0, self.i, self.stats)
+        mem, mem_note = self._counted(lambda: PeakTensorMemory(device=device.type), flush=True,
+                                      fp32_fallback=False)
+        tensor_peak = mem.peak_mib if mem is not None else None
+        tensor_start = mem.start_mib if mem is not None else None
         _sync(device)
         if device.type != "cuda":
-            peak, start, mem_method = mem.peak_mib, mem.start_mib, "tensor_storage"
-        with DeviceWork() as work:  # one step's own kernels and syncs, not the flush's
-            self.run(1, flush=False)
-        with FlopCounterMode(display=False) as counter:
-            self.run(1, flush=False)
-        self.tr._flush(0, self.i, self.stats)
-        return {"gflop": counter.get_total_flops() / 1e9, "peak_mem_mb": peak,
+            peak, start, mem_method = tensor_peak, tensor_start, "tensor_storage"
+        gflop = counter.get_total_flops() / 1e9 if counter is not None else None
+        return {"gflop": gflop, "peak_mem_mb": peak,
                 "mem_method": mem_method, "mem_start_mb": start,
-                "peak_tensor_mb": mem.peak_mib, "tensor_start_mb": mem.start_mib,
+                "peak_tensor_mb": tensor_peak, "tensor_start_mb": tensor_start,
+                "gpu_busy_ms": gpu_ms,
+                "count_notes": {k: v for k, v in (("ops", work_note), ("gflop", flop_note),
+                                                  ("peak_tensor_mb", mem_note),
+                                                  ("gpu_busy_ms", gpu_note)) if v},
                 "refresh_ms": refresh_ms, "batch": self.b, "n_val": self.n_val,
-                "ops": work.ops, "syncs": dict(work.syncs),
+                "ops": work.ops if work is not None else None,
+                "syncs": dict(work.syncs) if work is not None else {},
                 "ghost_form": getattr(self.est, "active_mode", None)}
 
 
@@ -372,6 +451,10 @@ def main() -> None:
                            ("bf16" if device.type == "cuda" else "fp32")),
              "channels_last": {"auto": "auto", "true": True, "false": False}[args.channels_last],
              "compile": bool(args.compile)}
+    setups = args.setups.split(",")
+    unknown = [name for name in setups if name not in SETUPS]
+    if unknown:  # fail before minutes of benchmarking, not at the typo
+        ap.error(f"unknown setup(s) {unknown}: choose from {', '.join(SETUPS)}")
     methods = args.methods.split(",")
     if methods[0] != "vanilla":
         methods.insert(0, "vanilla")  # every ratio is to vanilla, measured in this process
@@ -391,31 +474,51 @@ def main() -> None:
         pass
     print(f"device: {report['device']}  torch {torch.__version__}  speed: {report['speed']}")
     header = ("| setup | method | step ms | ratio | GFLOP | GFLOP ratio | peak MiB | mem ratio "
-              "| refresh ms | refresh/step | step+refresh ratio | ops | syncs |")
+              "| refresh ms | refresh/step | step+refresh ratio | ops | syncs | GPU busy ms "
+              "| GPU busy ratio |")
     print(header)
-    print("|" + "---|" * 13)
-    for setup in args.setups.split(","):
-        rows = bench_setup(setup, methods, device, size, steps, args.warmup, args.batch,
-                           speed, args.block, args.min_seconds)
+    print("|" + "---|" * 15)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # the default size keeps the name Table 4 reads; other sizes get their own file
+    path = out / (f"online_{'cuda' if device.type == 'cuda' else 'cpu'}"
+                  f"{'' if default_size else '_' + size}.json")
+    failed: list[str] = []
+    for setup in setups:
+        try:
+            rows = bench_setup(setup, methods, device, size, steps, args.warmup, args.batch,
+                               speed, args.block, args.min_seconds)
+        except Exception:  # noqa: BLE001 -- one broken setup must not cost the others' rows
+            traceback.print_exc()
+            failed.append(setup)
+            report.setdefault("failed", {})[setup] = traceback.format_exc(limit=3)
+            path.write_text(json.dumps(report, indent=2))
+            continue
         base = rows["vanilla"]
         for m, r in rows.items():
             r["time_ratio_of_medians"] = r["step_ms"] / base["step_ms"]
-            r["gflop_ratio"] = r["gflop"] / base["gflop"] if base["gflop"] else None
+            r["gflop_ratio"] = (r["gflop"] / base["gflop"]
+                                if r["gflop"] is not None and base["gflop"] else None)
             r["mem_ratio"] = (r["peak_mem_mb"] / base["peak_mem_mb"]
                               if r["peak_mem_mb"] and base["peak_mem_mb"] else None)
             r["refresh_over_step"] = (r["refresh_ms"] / base["step_ms"]
                                       if r["refresh_ms"] is not None else None)
+            r["gpu_busy_ratio"] = (r["gpu_busy_ms"] / base["gpu_busy_ms"]
+                                   if r.get("gpu_busy_ms") and base.get("gpu_busy_ms") else None)
             # cost per step with refresh_every=1 (the paper's setting)
             r["total_ratio"] = r["time_ratio"] + (r["refresh_over_step"] or 0.0)
             f = lambda x, fmt: format(x, fmt) if x is not None else "-"  # noqa: E731
             form = r.get("ghost_form") if m.startswith("ghost") else None
             label = f"{m} [{form}]" if form else m
             print(f"| {setup} | {label} | {r['step_ms']:.1f} | {r['time_ratio']:.2f} | "
-                  f"{r['gflop']:.2f} | {f(r['gflop_ratio'], '.2f')} | "
+                  f"{f(r['gflop'], '.2f')} | {f(r['gflop_ratio'], '.2f')} | "
                   f"{f(r['peak_mem_mb'], '.0f')} | {f(r['mem_ratio'], '.2f')} | "
                   f"{f(r['refresh_ms'], '.1f')} | {f(r['refresh_over_step'], '.2f')} | "
-                  f"{r['total_ratio']:.2f} | {r['ops']} | {sum(r['syncs'].values())} |")
+                  f"{r['total_ratio']:.2f} | {f(r['ops'], 'd')} | {sum(r['syncs'].values())} | "
+                  f"{f(r.get('gpu_busy_ms'), '.1f')} | {f(r['gpu_busy_ratio'], '.2f')} |")
         report["setups"][setup] = rows
+        # written after every setup, so a crash or a time limit keeps the setups already done
+        path.write_text(json.dumps(report, indent=2))
     print("\ntargets (issue 6):")
     for label, (row, metric, bound) in TARGETS.items():
         for setup, rows in report["setups"].items():
@@ -425,13 +528,10 @@ def main() -> None:
             state = "n/a (not measured)" if got is None else (
                 f"{got:.2f} {'met' if got <= bound else 'MISSED'}")
             print(f"  {label} <= {bound}: {setup}: {state}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # the default size keeps the name Table 4 reads; other sizes get their own file
-    path = out / (f"online_{'cuda' if device.type == 'cuda' else 'cpu'}"
-                  f"{'' if default_size else '_' + size}.json")
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path}")
+    if failed:
+        sys.exit(f"setups that failed (traceback above and in the JSON's 'failed'): {failed}")
 
 
 if __name__ == "__main__":

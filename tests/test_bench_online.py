@@ -106,3 +106,83 @@ def test_bench_times_more_rounds_until_min_seconds():
     with pytest.raises(ValueError, match="include it"):
         bench.bench_setup("resnet18", ["lli"], torch.device("cpu"), "tiny", steps=2, warmup=1,
                           batch=2, speed=speed)
+
+
+def test_union_length_counts_overlaps_once():
+    bench = _bench_module()
+    assert bench.union_length([]) == 0.0
+    assert bench.union_length([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (5.5, 5.7)]) == 4.0
+
+
+class _FailsUnderAutocast:
+    """A dispatch mode that breaks a step run under autocast, as ResNet-18's bf16 steps did
+    inside PyTorch's dispatch modes on an H100 (torch 2.11)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            ops = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch
+                if torch.is_autocast_enabled("cpu"):
+                    raise RuntimeError("Input type and weight type should be the same\nmore")
+                Mode.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __call__(self):
+        return self.mode
+
+
+def test_counted_falls_back_to_fp32_only_on_cuda():
+    """A count that fails under bf16 autocast is redone with autocast off on CUDA (FLOPs
+    depend on shapes only) and says so; on the CPU, whose memory measurement it is, the
+    failure is raised; the autocast setting is restored either way."""
+    import types
+
+    import torch
+
+    bench = _bench_module()
+    speed = {"precision": "bf16", "channels_last": "auto", "compile": False}
+    mb = bench.MethodBench("bert", "lai", torch.device("cpu"), "tiny", 2, speed, 1)
+    autocast = mb.tr._autocast
+    with pytest.raises(RuntimeError, match="weight type"):
+        mb._counted(_FailsUnderAutocast(), flush=False)
+    assert mb.tr._autocast is autocast and mb.est.forward_context is autocast
+    mb.device = types.SimpleNamespace(type="cuda")  # only the branch is taken as on a GPU
+    mode, note = mb._counted(_FailsUnderAutocast(), flush=False)
+    assert mode.ops > 0 and note.startswith("counted with autocast off (bf16 failed: Input")
+    assert "more" not in note  # first line of the error only
+    assert mb.tr._autocast is autocast and mb.est.forward_context is autocast
+    mode, note = mb._counted(_FailsUnderAutocast(), flush=True, fp32_fallback=False)
+    assert mode is None and note.startswith("failed under bf16 autocast")
+
+
+def test_bench_keeps_finished_setups_when_one_fails(tmp_path, monkeypatch):
+    """The JSON is written after every setup; a setup that raises is recorded under
+    ``failed`` and the run goes on, then exits non-zero. Unknown setup names fail at once."""
+    bench = _bench_module()
+    real = bench.bench_setup
+
+    def flaky(setup, *a, **k):
+        if setup == "resnet18":
+            raise RuntimeError("out of memory (simulated)")
+        return real(setup, *a, **k)
+
+    monkeypatch.setattr(bench, "bench_setup", flaky)
+    argv = ["bench_online.py", "--device", "cpu", "--setups", "resnet18,bert", "--batch", "2",
+            "--steps", "2", "--block", "2", "--warmup", "1", "--min-seconds", "0",
+            "--methods", "vanilla", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="resnet18"):
+        bench.main()
+    report = json.loads((tmp_path / "online_cpu.json").read_text())
+    assert list(report["setups"]) == ["bert"]
+    assert "out of memory (simulated)" in report["failed"]["resnet18"]
+    monkeypatch.setattr(sys, "argv", argv[:4] + ["resnet18,t5"] + argv[5:])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2  # argparse's usage error, before any setup ran

@@ -199,6 +199,31 @@ def _param_count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+def _bench_notes(bench: dict) -> list[str]:
+    """Notes a bench JSON calls for: its speed settings, rows whose counts had to be taken
+    with autocast off, and (on a GPU) how much of a vanilla step the GPU was busy."""
+    device, out = bench.get("device", "?"), []
+    speed = bench.get("speed")
+    if speed:
+        out.append(f"{device}: precision {speed.get('precision')}, channels-last "
+                   f"{speed.get('channels_last')}, compile {speed.get('compile')}.")
+    refit = [f"{key}/{m}" for key, rows in bench.get("setups", {}).items()
+             for m, r in rows.items() if "gflop" in (r.get("count_notes") or {})]
+    if refit:
+        out.append(f"{device}: the GFLOP of {', '.join(refit)} were counted on a step with "
+                   "autocast off (the bf16 step failed inside PyTorch's FlopCounterMode; FLOPs "
+                   "depend on shapes only); see count_notes in the JSON.")
+    busy = [f"{label} {r['gpu_busy_ms'] / r['step_ms']:.0%}"
+            for key, label in BENCH_SETUPS
+            if (r := bench.get("setups", {}).get(key, {}).get("vanilla", {})).get("gpu_busy_ms")]
+    if busy:
+        out.append(f"{device}: the GPU was busy for this share of a vanilla step: "
+                   f"{', '.join(busy)}; where it is low the step is bound by the host's "
+                   "dispatch, and the step-time ratios measure the host work each method adds "
+                   "(gpu_busy_ratio in the JSON: the GPU time alone).")
+    return out
+
+
 def table4(results: Path) -> tuple[Table, pd.DataFrame]:
     """GFLOP per batch and peak memory of Vanilla/Ghost/LLI/LAI from ``make bench`` JSON
     (ratios to Vanilla in parentheses), beside the paper's Table 4."""
@@ -222,11 +247,12 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
                 if m.get("ghost_form"):  # which of Ghost's two exact forms the trainer picked
                     name = f"{name} ({m['ghost_form']} form)"
                 rows.append([f"ours: {device}", f"{label} ({size}batch {batch})", name,
+                             "n/a" if m.get("gflop") is None else
                              f"{m['gflop']:.2f} (×{m['gflop_ratio']:.2f})",
                              "n/a" if mem is None else
                              f"{mem:,.0f} (×{m['mem_ratio']:.2f})",
                              f"×{m['time_ratio']:.2f}"])
-                for col, val in (("gflop", m["gflop"]), ("memory_mb", mem),
+                for col, val in (("gflop", m.get("gflop")), ("memory_mb", mem),
                                  ("step_time_ratio", m["time_ratio"])):
                     long.append({"table": 4, "row": f"{key}/{method}", "column": col,
                                  "source": "ours", "scale": device,
@@ -260,6 +286,8 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "models with train-mode BatchNorm."]
     if not benches:
         notes.append("No results/bench/online_*.json found: run `make bench`.")
+    for b in benches:  # two files of one device can call for the same note: once each
+        notes.extend(n for n in _bench_notes(b) if n not in notes)
     for b in benches:  # GPU runs made before the bench recorded the model it built
         neo = b.get("setups", {}).get("gpt_neo", {}).get("vanilla")
         if neo and "size" not in b and not str(b.get("device", "cpu")).startswith("cpu"):

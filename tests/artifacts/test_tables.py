@@ -160,6 +160,38 @@ def test_table4_names_the_model_that_ran(tmp_path):
     assert "NVIDIA H100 run" in note and "0.0 TFLOP per batch of 8" in note  # read from the file
 
 
+def test_table4_notes_gpu_busy_share_and_counts_taken_without_autocast(tmp_path):
+    """A GPU run's JSON with ``gpu_busy_ms`` gets a note of the GPU's busy share of a
+    vanilla step; a row whose FLOPs were counted with autocast off (``count_notes``) is named;
+    a row with no GFLOP prints n/a; two files of one device give one speed note."""
+    (tmp_path / "bench").mkdir()
+    base = {"gflop": 10.0, "gflop_ratio": 1.0, "peak_mem_mb": 10.0, "mem_ratio": 1.0,
+            "time_ratio": 1.0, "batch": 8, "step_ms": 20.0, "gpu_busy_ms": 5.0}
+    rows = {"vanilla": base,
+            "ghost": {**base, "count_notes": {"gflop": "counted with autocast off (...)"}},
+            "lai": {**base, "gflop": None, "gflop_ratio": None}}
+    speed = {"precision": "bf16", "channels_last": "auto", "compile": False}
+    for name in ("online_cuda.json", "online_cuda_small.json"):
+        (tmp_path / "bench" / name).write_text(json.dumps(
+            {"device": "FakeGPU", "steps": 2, "size": "full", "speed": speed,
+             "setups": {"resnet18": rows}}))
+    table, long = table4(tmp_path)
+    busy = [n for n in table.notes if "busy" in n]
+    assert len(busy) == 1 and "ResNet-18 / CIFAR shape 25%" in busy[0]
+    assert sum("precision bf16" in n for n in table.notes) == 1
+    assert any("resnet18/ghost were counted" in n and "autocast off" in n for n in table.notes)
+    lai = next(r for r in table.rows if r[0] == "ours: FakeGPU" and r[2] == "LAI")
+    assert lai[3] == "n/a"
+    assert long[(long.row == "resnet18/lai") & (long.column == "gflop")]["mean"].isna().all()
+    # a run without these fields (CPU, or older JSON) gets none of these notes
+    (tmp_path / "bench" / "online_cuda_small.json").unlink()
+    (tmp_path / "bench" / "online_cuda.json").write_text(json.dumps(
+        {"device": "FakeGPU", "steps": 2, "setups": {"resnet18": {"vanilla": {
+            k: v for k, v in base.items() if k != "gpu_busy_ms"}}}}))
+    table, _ = table4(tmp_path)
+    assert not any("busy" in n or "precision" in n for n in table.notes)
+
+
 def test_renderers_write_three_formats(tmp_path):
     t = Table("T: a_b & 50%", ["m", "x ± y"], [["LAI", "1.00 ± 0.10"]], ["† note"])
     assert "| LAI | 1.00 ± 0.10 |" in to_markdown(t)
