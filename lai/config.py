@@ -68,6 +68,7 @@ class EstimatorConfig:
     self_influence: bool = False  # V = the current training batch (pre-training, no val set)
     precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
     ghost_mode: str = "auto"  # ghost: auto | forward | probe (lai/estimators/ghost.py)
+    offload: bool = False  # lai/lli: cache in host memory, prefetched per layer (for CUDA)
     # static estimators (runner=two_round): ip | lissa | datainf | trak
     damping: Optional[float] = None  # lissa: lambda (None -> 0.01); datainf: None = its rule
     lissa_scale: float = 10.0  # LiSSA: must exceed the top eigenvalue of H + lambda I
@@ -248,6 +249,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError("estimator.ghost_mode=probe gives values only after the backward: it "
                           "needs trainer.strategy=one_pass and a policy that keeps every sample "
                           "(policy=score_only); use ghost_mode=auto or forward to filter")
+    if cfg.estimator.get("offload", False) and est not in ("lai", "lli"):
+        raise ConfigError(f"estimator.offload keeps LAI's validation cache on the host: it "
+                          f"applies to lai and lli, not {est}")
     if (cfg.estimator.precondition == "adam" or cfg.estimator.self_influence) and \
             est not in ("lai", "lli", "ghost"):
         raise ConfigError("estimator.precondition / self_influence apply to lai, lli and ghost")

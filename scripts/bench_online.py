@@ -48,7 +48,9 @@ comparison only). Two more rows time a LAI step with filtering: ``lai+filter`` (
 keeping the top half of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring,
 then forward and backward on the kept half only). ``ghost/2pass`` is Ghost with its
 forward-mode pass under no_grad (nothing of it is kept for the backward: the low-memory
-form), then a plain forward and backward of the whole batch.
+form), then a plain forward and backward of the whole batch. On CUDA, ``lai/offload`` is LAI
+with its validation cache in pinned host memory, copied to the GPU layer by layer ahead of use
+(``estimator.offload``, ``lai/estimators/offload.py``).
 
 Speed settings (the Trainer's own options, recorded in the JSON): ``--precision`` (default
 ``auto``: bf16 autocast on CUDA, fp32 on CPU), ``--channels-last`` (default ``auto``: on for
@@ -114,6 +116,9 @@ TARGETS = {  # issue 6: (row, metric, bound)
     # the in-run form: g_V of the current model, a validation backward every step
     "Ghost step incl. a refresh every step": ("ghost", "total_ratio", 1.5),
     "LAI peak memory": ("lai", "mem_ratio", 1.05),
+    # the cache in host memory, prefetched layer by layer (CUDA rows only)
+    "LAI peak memory, offloaded cache": ("lai/offload", "mem_ratio", 1.05),
+    "LAI score-only step, offloaded cache": ("lai/offload", "time_ratio", 1.15),
     "Ghost peak memory": ("ghost", "mem_ratio", 1.3),
     "Ghost peak memory (two-pass form)": ("ghost/2pass", "mem_ratio", 1.3),
 }
@@ -127,6 +132,8 @@ class _NullRecorder:
 
 
 SIZES = ("tiny", "small", "full")
+DEFAULT_METHODS = ("vanilla", "lai", "lli", "ghost", "ghost/forward", "ghost/probe",
+                   "ghost/2pass", "lai+filter", "lai+filter/2pass")
 SETUPS = ("resnet18", "bert", "gpt_neo")
 
 
@@ -262,7 +269,8 @@ class MethodBench:
         tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
                              strategy="two_pass" if two_pass else "one_pass", **speed)
         ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
-        self.est = build_estimator(est_name, ghost_mode=ghost_mode)
+        self.est = build_estimator(est_name, ghost_mode=ghost_mode,
+                                   offload=method.endswith("/offload"))
         policy = (build_policy("percentile", keep_fraction=0.5) if filtering
                   else build_policy("score_only"))
         self.tr = Trainer(self.model, data, self.est, policy, tcfg, ecfg, device,
@@ -438,8 +446,9 @@ def main() -> None:
                     help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
-    ap.add_argument("--methods", default="vanilla,lai,lli,ghost,ghost/forward,ghost/probe,"
-                                         "ghost/2pass,lai+filter,lai+filter/2pass")
+    ap.add_argument("--methods", default=None,
+                    help="default: vanilla,lai,lli,ghost,ghost/forward,ghost/probe,ghost/2pass,"
+                         "lai+filter,lai+filter/2pass, and lai/offload on CUDA")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -455,7 +464,8 @@ def main() -> None:
     unknown = [name for name in setups if name not in SETUPS]
     if unknown:  # fail before minutes of benchmarking, not at the typo
         ap.error(f"unknown setup(s) {unknown}: choose from {', '.join(SETUPS)}")
-    methods = args.methods.split(",")
+    methods = (args.methods or ",".join(DEFAULT_METHODS + (
+        ("lai/offload",) if device.type == "cuda" else ()))).split(",")
     if methods[0] != "vanilla":
         methods.insert(0, "vanilla")  # every ratio is to vanilla, measured in this process
     steps = max(args.block, args.steps - args.steps % args.block)

@@ -55,6 +55,7 @@ from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.base import OnlineEstimator, output_gradient
 from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
                                     output_layer_name, preserved_buffers, select_layers)
+from lai.estimators.offload import HostCache
 
 
 def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.Tensor:
@@ -145,11 +146,17 @@ class LAIEstimator(OnlineEstimator):
         cache: ``auto`` (the smaller of the two exact forms) | ``folded`` | ``pairwise``.
         chunk_size: validation rows per forward when building the cache.
         layer_types: module types that count as layers for ``all``.
+        offload: keep the cache in (pinned) host memory and copy each entry to the device
+            just before its layer reads it, ``lookahead`` entries ahead on a side stream
+            (``lai.estimators.offload``): LAI's device memory excess falls to a few entries,
+            the values are unchanged. Meant for CUDA; on the CPU it only adds copies.
+        lookahead: entries in flight ahead of the one being read (with ``offload``).
     """
 
     def __init__(self, layers: str | Sequence[str] = "all", output_layer: str | None = None,
                  cache: str = "auto", chunk_size: int = 512,
-                 layer_types: tuple[type, ...] = DEFAULT_LAYER_TYPES):
+                 layer_types: tuple[type, ...] = DEFAULT_LAYER_TYPES, offload: bool = False,
+                 lookahead: int = 2):
         if cache not in ("auto", "folded", "pairwise"):
             raise ValueError(f"cache must be auto | folded | pairwise, got {cache!r}")
         self.layers = layers
@@ -172,6 +179,8 @@ class LAIEstimator(OnlineEstimator):
         self._shared: dict[LayerKey, bool] = {}        # cache entry read by several layers
         self._defer_tokens = False  # folded token terms contracted from the gradient side
         self.n_val = 0
+        self.offload, self.lookahead = bool(offload), int(lookahead)
+        self._host: HostCache | None = None  # with offload: serves device copies
 
     # ---- validation cache -------------------------------------------------------------
     def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -257,9 +266,34 @@ class LAIEstimator(OnlineEstimator):
         token_dims = {src: dims[src] for src in set(same_as.values()) if self.token[src]}
         self._defer_tokens = (self.folded and bool(token_dims)
                               and k > sum(token_dims.values()))
+        if self.offload:
+            self._move_to_host(g_v.device)
+
+    def _move_to_host(self, device: torch.device) -> None:
+        """Every cache tensor to host memory (a tensor shared by several layers stays one)."""
+        if self._host is None or self._host.device != device:
+            self._host = HostCache(device, self.lookahead)
+        self._host.reset()
+        moved: dict[int, torch.Tensor] = {}
+
+        def host(t: torch.Tensor, slot: object) -> torch.Tensor:
+            if id(t) not in moved:  # the first layer reading an entry names its buffer
+                moved[id(t)] = self._host.host(t, slot)
+            return moved[id(t)]
+
+        self.M = {key: host(t, ("M", key)) for key, t in self.M.items()}
+        self.phi_v = {key: host(t, ("phi_v", key)) for key, t in self.phi_v.items()}
+        if self.g_v is not None:
+            self.g_v = host(self.g_v, "g_v")
+
+    def _dev(self, t: torch.Tensor) -> torch.Tensor:
+        """A cache tensor where the step computes: itself, or with ``offload`` its device copy
+        (prefetched in the order of the previous step's reads)."""
+        return t if self._host is None else self._host.fetch(t)
 
     def cache_bytes(self) -> int:
-        """Bytes held by the validation cache (a tensor shared by several layers once)."""
+        """Bytes held by the validation cache (a tensor shared by several layers once); with
+        ``offload`` they are held in host memory."""
         tensors = {id(t): t for t in list(self.M.values()) + list(self.phi_v.values())}
         if self.g_v is not None:
             tensors[id(self.g_v)] = self.g_v
@@ -274,6 +308,8 @@ class LAIEstimator(OnlineEstimator):
         if out is None:
             c, h, w = shape
             out = src.view(src.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(src.shape[0], -1)
+            if self._host is not None:  # offloaded: the re-laid copy stays on the host too
+                out = self._host.host(out, ("nhwc", id(src)))
             self._nhwc[id(src)] = out
         return out
 
@@ -284,7 +320,7 @@ class LAIEstimator(OnlineEstimator):
         if nhwc:
             src = self.M[key] if self.folded else self.phi_v[key]
             if tuple(shape) == tuple(self.shapes[key]):
-                src = self._nhwc_source(src, shape)
+                src = self._dev(self._nhwc_source(src, shape))
                 cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
                 return
             c, h, w = shape  # cannot be aligned in that order: back to (C, H, W) rows
@@ -306,18 +342,19 @@ class LAIEstimator(OnlineEstimator):
                 else:
                     cap.deferred.append([phi, src, 1, phi_in])
                 return
+            dev = self._dev(src)
             if self.folded:  # [B, T, K]
                 if not self._shared.get(key, False):  # no other layer reads this entry
-                    cap.acc_tok = _add_mm(cap.acc_tok, phi.to(src.dtype), src.T)
+                    cap.acc_tok = _add_mm(cap.acc_tok, phi.to(dev.dtype), dev.T)
                     return
-                term = phi.to(src.dtype) @ src.T
+                term = phi.to(dev.dtype) @ dev.T
             else:  # [B, |V|, T, T']
-                term = torch.einsum("btd,zsd->bzts", phi.to(src.dtype), src)
-            cap.last_term = (phi_in, src, term)
+                term = torch.einsum("btd,zsd->bzts", phi.to(dev.dtype), dev)
+            cap.last_term = (phi_in, src, term)  # the host entry: the identity q/k/v share
             cap.acc_tok = _add(cap.acc_tok, term)
             return
         phi = align_rows(phi, shape, self.shapes[key])
-        src = self.M[key] if self.folded else self.phi_v[key]
+        src = self._dev(self.M[key] if self.folded else self.phi_v[key])
         cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
 
     @contextmanager
@@ -325,6 +362,8 @@ class LAIEstimator(OnlineEstimator):
         if not self._names:
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         cap = _ScoreCapture(batch.labels)
+        if self._host is not None:
+            self._host.begin_step()
         with LayerTap(model, self._names, lambda *a: self._accumulate(cap, *a),
                       batch.attention_mask, self._out_name, native_layout=True) as tap:
             cap.tap = tap
@@ -351,7 +390,7 @@ class LAIEstimator(OnlineEstimator):
             raise RuntimeError("pairwise terms need cache='pairwise'")
         g = self._train_gradient(capture)
         out = g.new_zeros(g.shape[0], self.n_val)
-        gv = self.g_v
+        gv = self._dev(self.g_v)
         if capture.acc_tok is not None:
             acc = capture.acc_tok  # [B, |V|, T, S]
             b, z, t, s = acc.shape
@@ -378,6 +417,7 @@ class LAIEstimator(OnlineEstimator):
         if capture.acc_tok is not None:
             v = (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
         for phi, m, count, _ in capture.deferred:  # sum_t <M^T G_{j,t}, phi(j,t)>
+            m = self._dev(m)
             b, t = phi.shape[0], phi.shape[1]
             h = g.to(m.dtype).reshape(b * t, -1) @ m
             term = (h.view(b, t, -1) * phi.to(m.dtype)).sum((1, 2))

@@ -23,18 +23,21 @@ def unsupported(method: str) -> ValueError:
 
 def build_estimator(method: str, *, layers: str | None = None, output_layer: str | None = None,
                     cache: str = "auto", chunk_size: int = 512,
-                    ghost_mode: str = "auto") -> OnlineEstimator:
+                    ghost_mode: str = "auto", offload: bool = False) -> OnlineEstimator:
     """An online estimator by name. ``layers`` applies to ``lai`` (default ``all``),
-    ``ghost_mode`` (auto | forward | probe) to ``ghost``."""
+    ``ghost_mode`` (auto | forward | probe) to ``ghost``, ``offload`` (the validation cache
+    in host memory, prefetched layer by layer) to ``lai`` and ``lli``."""
+    if offload and method not in ("lai", "lli"):
+        raise ValueError(f"offload applies to lai and lli, not {method!r}")
     if method == "vanilla":
         return VanillaEstimator()
     if method == "lai":
-        return LAIEstimator(layers or "all", output_layer, cache, chunk_size)
+        return LAIEstimator(layers or "all", output_layer, cache, chunk_size, offload=offload)
     if method == "lli":
         if layers not in (None, "lli"):
             raise ValueError("estimator lli uses the output layer only; use lai with "
                              f"layers={layers!r} instead")
-        return LAIEstimator("lli", output_layer, cache, chunk_size)
+        return LAIEstimator("lli", output_layer, cache, chunk_size, offload=offload)
     if method == "ghost":
         return GhostEstimator(chunk_size, mode=ghost_mode)
     if method == "spl":

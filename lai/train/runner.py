@@ -126,7 +126,8 @@ def run_experiment(cfg: DictConfig) -> dict:
             cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
         estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
                                     output_layer=cfg.estimator.output_layer, cache=cache,
-                                    ghost_mode=cfg.estimator.ghost_mode)
+                                    ghost_mode=cfg.estimator.ghost_mode,
+                                    offload=cfg.estimator.offload)
         policy = build_policy_from_config(cfg.policy)
 
     else:
