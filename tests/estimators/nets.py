@@ -88,3 +88,18 @@ def tiny_bert_classifier(layers: int, vocab: int = 40, classes: int = 3) -> nn.M
                                   max_position_embeddings=32, num_labels=classes,
                                   attn_implementation="eager")
     return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def tiny_lm(vocab: int = 40) -> nn.Module:
+    """A random-init HF ``GPTNeoForCausalLM`` (hidden 8, one global and one local layer,
+    untied head) in eval mode; skips the test when transformers is missing."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoConfig(vocab_size=vocab, hidden_size=8, num_layers=2, num_heads=2,
+                                    attention_types=[[["global", "local"], 1]],
+                                    max_position_embeddings=32, intermediate_size=16,
+                                    window_size=4, attn_implementation="eager",
+                                    bos_token_id=None, eos_token_id=None,
+                                    tie_word_embeddings=False)
+    return transformers.GPTNeoForCausalLM(cfg).eval()

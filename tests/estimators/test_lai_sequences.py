@@ -17,20 +17,10 @@ from torch import nn
 from lai import pairwise, value
 from tests.estimators import brute
 from tests.estimators.brute import rel_err, strip
-from tests.estimators.nets import token_batch, lm_batch
+from tests.estimators.nets import lm_batch, tiny_lm, token_batch
 
 transformers = pytest.importorskip("transformers")
 REL = 1e-6
-
-
-def tiny_lm():
-    cfg = transformers.GPTNeoConfig(vocab_size=40, hidden_size=8, num_layers=2, num_heads=2,
-                                    attention_types=[[["global", "local"], 1]],
-                                    max_position_embeddings=32, intermediate_size=16,
-                                    window_size=4, attn_implementation="eager",
-                                    bos_token_id=None, eos_token_id=None,
-                                    tie_word_embeddings=False)
-    return transformers.GPTNeoForCausalLM(cfg).eval()
 
 
 def token_pairing_reference(model, tr, va, names):

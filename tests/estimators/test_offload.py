@@ -11,19 +11,7 @@ import torch
 from lai.batching import as_batch, forward_logits
 from lai.estimators.lai import LAIEstimator
 from lai.estimators.offload import HostCache
-from tests.estimators.nets import CNN, PaddedTransformer, lm_batch, token_batch
-
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_lm(vocab: int = 40):
-    cfg = transformers.GPTNeoConfig(vocab_size=vocab, hidden_size=8, num_layers=2, num_heads=2,
-                                    attention_types=[[["global", "local"], 1]],
-                                    max_position_embeddings=32, intermediate_size=16,
-                                    window_size=4, attn_implementation="eager",
-                                    bos_token_id=None, eos_token_id=None,
-                                    tie_word_embeddings=False)
-    return transformers.GPTNeoForCausalLM(cfg).eval()
+from tests.estimators.nets import CNN, PaddedTransformer, lm_batch, tiny_lm, token_batch
 
 
 def _scores(est: LAIEstimator, model, train, steps: int = 3) -> list[torch.Tensor]:
