@@ -69,15 +69,19 @@ class Batch:
 
     def select(self, rows: torch.Tensor) -> "Batch":
         """The sub-batch of the given rows (a bool mask ``[B]`` or index tensor)."""
+        return Batch(_take(self.inputs, rows), _take(self.labels, rows),
+                     _take(self.idx, rows))
 
-        def take(x: Any) -> Any:
-            if torch.is_tensor(x):
-                return x[rows.to(x.device)]
-            if isinstance(x, Mapping):
-                return {k: take(v) for k, v in x.items()}
-            return x
 
-        return Batch(take(self.inputs), take(self.labels), take(self.idx))
+def _take(x: Any, rows: torch.Tensor) -> Any:
+    """``x``'s given rows, recursing into dicts. A module-level function rather than a nested
+    one that calls itself: such a closure is a reference cycle, which kept ``rows`` alive
+    until the garbage collector's next pass."""
+    if torch.is_tensor(x):
+        return x[rows.to(x.device)]
+    if isinstance(x, Mapping):
+        return {k: _take(v, rows) for k, v in x.items()}
+    return x
 
 
 def as_batch(batch: Any) -> Batch:

@@ -186,3 +186,31 @@ def test_bench_keeps_finished_setups_when_one_fails(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 2  # argparse's usage error, before any setup ran
+
+
+@pytest.mark.parametrize("setup,method", [("gpt_neo", "lai"), ("gpt_neo", "lli"),
+                                          ("gpt_neo", "ghost"), ("resnet18", "ghost"),
+                                          ("resnet18", "lai+filter/2pass")])
+def test_a_training_step_leaves_no_tensor_in_reference_cycles(setup, method):
+    """Tensors caught in a reference cycle outlive their step until the garbage collector
+    runs, and count in the next step's peak memory (a capture's [B, T, K] buffers did so)."""
+    import gc
+
+    import torch
+
+    bench = _bench_module()
+    speed = {"precision": "fp32", "channels_last": "auto", "compile": False}
+    mb = bench.MethodBench(setup, method, torch.device("cpu"), "tiny",
+                           4 if setup == "resnet18" else None, speed, 1)
+    gc.collect()
+    gc.disable()
+    try:
+        mb.run(2)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == [], [tuple(t.shape) for t in cyclic]

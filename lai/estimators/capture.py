@@ -213,6 +213,11 @@ class LayerTap:
     def __exit__(self, *exc) -> None:
         self._last = None
         self._masks.clear()
+        # the callback usually closes over the capture that holds this tap (capture -> tap
+        # -> callback -> capture): dropped, the cycle is broken and a step's accumulators are
+        # freed when the capture goes, not at the garbage collector's next pass (one step's
+        # [B, T, K] buffers of an LM lingered into the next step's peak)
+        self.on_input = None
         self._restore_grad_mode()  # if the forward raised before the model hook ran
         for h in self._handles:
             h.remove()

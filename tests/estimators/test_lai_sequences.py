@@ -168,3 +168,33 @@ def test_lm_output_layer_term_from_the_gradient_side():
         peaks[defer] = mem.peak_mib
     assert rel_err(out[True], ref) < REL and rel_err(out[False], ref) < REL
     assert peaks[True] < peaks[False]
+
+
+@pytest.mark.parametrize("layers", ["all", "lli"])
+def test_a_capture_is_freed_without_the_garbage_collector(layers):
+    """The tap's callback closes over the capture that holds the tap; the tap drops it on
+    exit, so a step's accumulators (an LM's [B, T, K] buffers) go with the capture by
+    reference counting, not at the collector's next pass into the next step."""
+    import gc
+    import weakref
+
+    from lai.batching import as_batch
+    from lai.estimators.lai import LAIEstimator
+
+    model = tiny_lm()
+    tr, va = as_batch(lm_batch(4, 8, 40, 1)), as_batch(lm_batch(3, 8, 40, 2))
+    est = LAIEstimator(layers=layers, cache="folded")
+    gc.disable()
+    try:
+        with torch.no_grad():
+            est.refresh(model, va)
+            with est.capture(model, tr) as cap:
+                model(**strip(lm_batch(4, 8, 40, 1)))
+            est.score(cap)
+        held = [weakref.ref(t) for t in (cap.acc_tok, cap.acc_flat, cap.tap.logits)
+                if t is not None] + [weakref.ref(d[0]) for d in cap.deferred]
+        assert held
+        del cap
+        assert all(r() is None for r in held)
+    finally:
+        gc.enable()
