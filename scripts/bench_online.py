@@ -447,8 +447,7 @@ def main() -> None:
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
     ap.add_argument("--methods", default=None,
-                    help="default: vanilla,lai,lli,ghost,ghost/forward,ghost/probe,ghost/2pass,"
-                         "lai+filter,lai+filter/2pass, and lai/offload on CUDA")
+                    help=f"default: {','.join(DEFAULT_METHODS)}, and lai/offload on CUDA")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()

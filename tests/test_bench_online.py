@@ -214,3 +214,18 @@ def test_a_training_step_leaves_no_tensor_in_reference_cycles(setup, method):
         gc.garbage.clear()
         gc.enable()
     assert cyclic == [], [tuple(t.shape) for t in cyclic]
+
+
+def test_profile_step_prints_dispatch_and_a_profile(capsys):
+    """scripts/profile_step.py (the README's profile figures) keeps working with the bench."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step",
+                                                  ROOT / "scripts" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["bert:lai", "--device", "cpu", "--batch", "2", "--steps", "1", "--rows", "3"])
+    out = capsys.readouterr().out
+    assert "== bert lai: host dispatch" in out and "Self CPU" in out
+    with pytest.raises(SystemExit, match="expected setup:method"):
+        mod.main(["t5:lai", "--device", "cpu"])
