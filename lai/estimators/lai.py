@@ -75,6 +75,15 @@ def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.
     return x.reshape(x.shape[0], -1)
 
 
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the inner product of row ``a[j]`` with row ``b[j]`` (``a``, ``b`` of one shape
+    ``[B, ...]``). A batched matrix product rather than ``(a * b).sum(...)``: no temporary
+    the size of ``a`` (for a language model that is ``[B, T, vocab]``, and it was the peak of
+    a LAI step)."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+
+
 def output_layer_gradient(tap: LayerTap, labels: torch.Tensor) -> torch.Tensor:
     """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``)."""
     logits, s = tap.logits, tap.output
@@ -415,16 +424,16 @@ class LAIEstimator(OnlineEstimator):
         g = self._train_gradient(capture)
         v = None
         if capture.acc_tok is not None:
-            v = (g.to(capture.acc_tok.dtype) * capture.acc_tok).sum((1, 2))
+            v = row_dot(g.to(capture.acc_tok.dtype), capture.acc_tok)
         for phi, m, count, _ in capture.deferred:  # sum_t <M^T G_{j,t}, phi(j,t)>
             m = self._dev(m)
             b, t = phi.shape[0], phi.shape[1]
             h = g.to(m.dtype).reshape(b * t, -1) @ m
-            term = (h.view(b, t, -1) * phi.to(m.dtype)).sum((1, 2))
+            term = row_dot(h.view(b, t, -1), phi.to(m.dtype))
             v = _add(v, term if count == 1 else term * count)
         if capture.acc_flat is not None:
-            v = _add(v, (self._flat_gradient(g).to(capture.acc_flat.dtype)
-                         * capture.acc_flat).sum(1))
+            v = _add(v, row_dot(self._flat_gradient(g).to(capture.acc_flat.dtype),
+                                capture.acc_flat))
         if v is None:
             v = g.new_zeros(g.shape[0])
         return v if v.dtype == torch.float64 else v.float()

@@ -198,3 +198,30 @@ def test_a_capture_is_freed_without_the_garbage_collector(layers):
         assert all(r() is None for r in held)
     finally:
         gc.enable()
+
+
+def test_scoring_an_lm_adds_one_vocabulary_sized_tensor_at_most():
+    """LAI's folded token accumulator ``[B, T, K]`` meets the output gradient G (the same
+    shape) in one inner product per row: ``score`` creates G and nothing else of that size
+    (a ``(G * acc).sum`` held a second ``[B, T, K]`` product and was the peak of a LAI step
+    on a language model). Values as brute force."""
+    from lai.batching import as_batch
+    from lai.estimators.lai import LAIEstimator
+    from lai.train.memory import PeakTensorMemory
+
+    vocab, b, t = 400, 4, 8
+    model = tiny_lm(vocab)
+    tr, va = lm_batch(b, t, vocab, 1), lm_batch(3, 10, vocab, 2)
+    est = LAIEstimator(layers="all", cache="folded")
+    est.refresh(model, as_batch(va))
+    est._defer_tokens = False  # the accumulator path (the gradient side is tested above)
+    with torch.no_grad():
+        with est.capture(model, as_batch(tr)) as cap:
+            model(**strip(tr))
+        assert cap.acc_tok is not None and cap.acc_tok.shape == (b, t, vocab)
+        with PeakTensorMemory() as mem:
+            got = est.score(cap)
+    one = cap.acc_tok.numel() * cap.acc_tok.element_size()  # bytes of one [B, T, K] tensor
+    assert mem.peak_bytes - mem.start_bytes < 1.5 * one
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert rel_err(got, token_pairing_reference(model, tr, va, names)) < REL
