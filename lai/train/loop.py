@@ -178,8 +178,9 @@ class Trainer:
         self._refresh_timer = RegionTimer(device)
         # copies of the model's buffers, reused by the no-grad scoring forwards (two_pass)
         # while unchanged: e.g. GPT-Neo's 2048 x 2048 causal-mask buffers are not copied
-        # twice per step
-        self._buffer_snapshot = BufferSnapshot()
+        # twice per step; on an accelerator the copies are kept in host memory
+        self._buffer_snapshot = BufferSnapshot(host=device.type != "cpu")
+        self._in_train_mode = False  # model.train() has run in a step (see _step)
         self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
 
     # ---- inputs ----------------------------------------------------------------------
@@ -286,7 +287,12 @@ class Trainer:
         device until :meth:`_flush`."""
         score_now = self.scoring and self.policy.active(epoch)
         batch = Batch(self._prepare(raw.inputs, True), raw.labels, raw.idx)
-        self.model.train()
+        # train mode for every module, set by the first step; later steps find it set unless
+        # something switched the model (evaluation, a refresh in eval mode: both switch and
+        # restore the whole model), so the walk over all modules is not paid at every step
+        if not (self._in_train_mode and self.model.training):
+            self.model.train()
+            self._in_train_mode = True
         values = weights = keep = None
         two_pass = score_now and self.cfg.strategy == "two_pass"
         # values that exist only after the training backward (Ghost's probe form)
@@ -316,6 +322,9 @@ class Trainer:
             keep = torch.ones(b, dtype=torch.bool, device=values.device)
             p.kept_host += b
         elif two_pass:  # forward + backward on the kept samples only
+            # the scoring pass's logits have given the losses: gone before the second pass
+            # instead of held through its peak (an LM's [B, T, vocab])
+            del logits
             rows = self._kept_rows(keep)
             sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
             if len(sub) > 0:

@@ -102,3 +102,27 @@ def test_offloaded_cache_on_cuda_same_values_less_device_memory():
         assert torch.allclose(a, b, rtol=1e-6, atol=0), (a, b)
     # a few entries in flight at a time (the largest is 26 MB here) against all of them
     assert peak[True] < peak[False] - cache / 4
+
+
+def test_buffer_snapshot_on_the_host_restores_cuda_buffers():
+    """``BufferSnapshot(host=True)``: the copies of CUDA buffers live in host memory (no
+    device memory), are taken once while unchanged, and a buffer that a scoring forward
+    changed is copied back from the host."""
+    from lai.estimators.capture import BufferSnapshot, preserved_buffers
+    from tests.estimators.test_preserved_buffers import Counting
+
+    model = Counting(CNN()).cuda().train()
+    model.register_buffer("mask", torch.ones(64, 64, dtype=torch.bool, device="cuda"))
+    model(torch.randn(8, 3, 10, 10, device="cuda"))
+    snap = BufferSnapshot(host=True)
+    ids = []
+    for _ in range(2):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad(), preserved_buffers(model, snap):
+            model(torch.randn(4, 3, 10, 10, device="cuda"))
+        torch.cuda.synchronize()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert all(c.device.type == "cpu" for _, c, _ in snap._entries.values())
+        ids.append(id(snap._entries[id(model.mask)][1]))
+    assert ids[0] == ids[1]  # the unchanged mask was copied once

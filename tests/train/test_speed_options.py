@@ -221,3 +221,62 @@ def test_compile_runs_the_hook_free_forwards_compiled(tiny_overrides, monkeypatc
     a, b = runs["false"], runs["true"]
     assert a["samples_per_epoch"] == b["samples_per_epoch"]
     assert b["final_test_loss"] == pytest.approx(a["final_test_loss"], rel=1e-6)
+
+
+# ---- memory of a step ---------------------------------------------------------------------
+@pytest.mark.parametrize("est", ["lai", "ghost"])
+def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est):
+    """The scoring forward's logits give the batch's losses, then go: they are not alive
+    during the kept rows' forward and backward (an LM's [B, T, vocab] held through that
+    peak)."""
+    import weakref
+
+    tr = cifar_trainer(est, "percentile", "two_pass")
+    tr._refresh()
+    scored, alive_in_second_pass = [], []
+    orig = tr._score
+
+    def score(batch, grad):
+        logits, values = orig(batch, grad)
+        scored.append(weakref.ref(logits))
+        return logits, values
+
+    tr._score = score
+    hook = tr.model.register_forward_pre_hook(
+        lambda mod, args: alive_in_second_pass.append(scored[-1]() is not None)
+        if scored else None)
+    try:
+        tr._step(tr.data.train.gather(torch.arange(16)), 0, 0)
+    finally:
+        hook.remove()
+    # the hook ran twice: the scoring forward (nothing scored yet: not recorded) and the
+    # second pass, where the scoring logits must already be gone
+    assert len(scored) == 1 and alive_in_second_pass == [False]
+
+
+def test_steps_run_in_train_mode_after_evaluation_and_refresh(monkeypatch):
+    """A step switches every module to train mode when the model is not in it (the first
+    step, after an evaluation or an eval-mode refresh), and skips the walk over all modules
+    when it is."""
+    from lai.train.evaluate import evaluate
+
+    tr = cifar_trainer("lai", "percentile")
+    tr.ecfg.val_mode = "eval"
+    walks = []
+    orig = type(tr.model).train
+    monkeypatch.setattr(type(tr.model), "train",
+                        lambda self, mode=True: walks.append(mode) or orig(self, mode))
+    batch = tr.data.train.gather(torch.arange(16))
+    tr._refresh()
+    tr.model.eval()
+    walks.clear()
+    tr._step(batch, 0, 0)
+    assert walks == [True] and all(m.training for m in tr.model.modules())
+    tr._step(batch, 0, 1)
+    assert walks == [True]  # already in train mode: no walk
+    tr._refresh()  # eval-mode refresh: switched and restored
+    evaluate(tr.model, tr.data.test, tr.data, tr.device, 8)
+    walks.clear()
+    tr._step(batch, 0, 2)
+    assert all(m.training for m in tr.model.modules())
+    assert walks == []  # both restored train mode for the whole model on their own
