@@ -75,20 +75,41 @@ def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.
     return x.reshape(x.shape[0], -1)
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+row_dot_small = 1 << 16  # elements below which a whole [B, ...] temporary is not worth avoiding
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor, parts: int = 8,
+            small: int = row_dot_small) -> torch.Tensor:
     """``[B]``: the inner product of row ``a[j]`` with row ``b[j]`` (``a``, ``b`` of one shape
-    ``[B, ...]``). A batched matrix product rather than ``(a * b).sum(...)``: no temporary
-    the size of ``a`` (for a language model that is ``[B, T, vocab]``, and it was the peak of
-    a LAI step)."""
+    ``[B, ...]``), without a temporary the size of ``a``: ``(a * b).sum(...)`` in ``parts``
+    blocks of columns, so the product held at any time is ``1 / parts`` of ``a`` (for a
+    language model ``a`` is ``[B, T, vocab]``, and the whole product was the peak of a LAI
+    step). Tensors of at most ``small`` elements take one block. A batched matrix product
+    would hold nothing, but on the CPU it is 3-6x slower for such rows and sums a row in
+    one long float32 chain (1e-5 relative error on an LM row, 1e-7 here)."""
     n = a.shape[0]
-    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+    a, b = a.reshape(n, -1), b.reshape(n, -1)
+    if a.numel() <= small:
+        return (a * b).sum(1)
+    width = -(-a.shape[1] // parts)
+    out = None
+    for start in range(0, a.shape[1], width):
+        part = (a[:, start:start + width] * b[:, start:start + width]).sum(1)
+        out = part if out is None else out.add_(part)
+    return out
 
 
-def output_layer_gradient(tap: LayerTap, labels: torch.Tensor) -> torch.Tensor:
-    """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``)."""
+def output_layer_gradient(tap: LayerTap, labels: torch.Tensor,
+                          rows: slice | None = None) -> torch.Tensor:
+    """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``);
+    with ``rows``, only those samples' rows (``labels`` are then the whole batch's)."""
     logits, s = tap.logits, tap.output
-    if s is None or s is logits:
+    if closed_form_gradient(tap):  # each sample's G from its own logits
+        if rows is not None:
+            logits, labels = logits[rows], labels[rows]
         g = output_gradient(logits, labels).view(logits.shape)
+    elif rows is not None:
+        return output_layer_gradient(tap, labels)[rows]
     else:
         with torch.enable_grad():
             loss = per_sample_loss(logits if logits.dtype == torch.float64 else logits.float(),
@@ -101,6 +122,11 @@ def output_layer_gradient(tap: LayerTap, labels: torch.Tensor) -> torch.Tensor:
     if g.dim() == 2:
         return g.unsqueeze(1)
     return g.reshape(g.shape[0], g.shape[1], -1) if g.dim() >= 3 else g.view(-1, 1, 1)
+
+
+def closed_form_gradient(tap: LayerTap) -> bool:
+    """``G`` comes from the logits in closed form (``s^(L)`` is the logits): no autograd."""
+    return tap.output is None or tap.output is tap.logits
 
 
 class _ScoreCapture:
@@ -189,6 +215,9 @@ class LAIEstimator(OnlineEstimator):
         self._defer_tokens = False  # folded token terms contracted from the gradient side
         self.n_val = 0
         self.offload, self.lookahead = bool(offload), int(lookahead)
+        # blocks of batch rows whose output gradients score() takes at a time, when the
+        # logits are large (an LM's [B, T, vocab])
+        self.score_blocks = 4
         self._host: HostCache | None = None  # with offload: serves device copies
 
     # ---- validation cache -------------------------------------------------------------
@@ -379,10 +408,17 @@ class LAIEstimator(OnlineEstimator):
             yield cap
 
     def _train_gradient(self, capture: _ScoreCapture) -> torch.Tensor:
+        """``[B, T_out, K]``: the training batch's output gradients, preconditioned."""
+        return self._gradient(capture, None, self._precondition()
+                              if self._precondition is not None else None)
+
+    @staticmethod
+    def _gradient(capture: _ScoreCapture, rows: slice | None,
+                  scale: torch.Tensor | None) -> torch.Tensor:
+        """The output gradients of the batch rows ``rows`` (all: None), times ``scale``."""
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
-        g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
-        scale = self._precondition() if self._precondition is not None else None
+        g = output_layer_gradient(capture.tap, capture.labels, rows)  # [B, T, K]
         if scale is not None:
             g = g * scale.to(g.dtype)
         return g
@@ -421,19 +457,39 @@ class LAIEstimator(OnlineEstimator):
         if not self.folded:
             v = self.pairwise(capture).sum(1)
             return v if v.dtype == torch.float64 else v.float()
-        g = self._train_gradient(capture)
+        # G is as large as the logits ([B, T, vocab] for an LM): where it comes in closed form
+        # it is taken for a block of rows at a time, so the step never holds all of it beside
+        # the [B, T, K] accumulator (the same values: each sample's G depends on its own
+        # logits alone)
+        b = capture.logits.shape[0]
+        block = b
+        if closed_form_gradient(capture.tap) and capture.logits.numel() > row_dot_small:
+            block = -(-b // self.score_blocks)
+        scale = self._precondition() if self._precondition is not None else None
+        values = [self._score_rows(capture, slice(start, min(b, start + block)), scale)
+                  for start in range(0, b, block)]
+        v = values[0] if len(values) == 1 else torch.cat(values)
+        return v if v.dtype == torch.float64 else v.float()
+
+    def _score_rows(self, capture: _ScoreCapture, rows: slice,
+                    scale: torch.Tensor | None) -> torch.Tensor:
+        """``[len(rows)]``: the folded form's values of the batch rows ``rows`` (see
+        :meth:`score`); ``scale``: the preconditioner's, read once per score."""
+        whole = rows.start == 0 and rows.stop == capture.logits.shape[0]
+        g = self._gradient(capture, None if whole else rows, scale)
         v = None
+        # a block of rows is already a fraction of the batch: one product per block
+        parts = 8 if whole else 1
         if capture.acc_tok is not None:
-            v = row_dot(g.to(capture.acc_tok.dtype), capture.acc_tok)
+            v = row_dot(g.to(capture.acc_tok.dtype), capture.acc_tok[rows], parts)
         for phi, m, count, _ in capture.deferred:  # sum_t <M^T G_{j,t}, phi(j,t)>
             m = self._dev(m)
+            phi = phi[rows]
             b, t = phi.shape[0], phi.shape[1]
             h = g.to(m.dtype).reshape(b * t, -1) @ m
-            term = row_dot(h.view(b, t, -1), phi.to(m.dtype))
+            term = row_dot(h.view(b, t, -1), phi.to(m.dtype), parts)
             v = _add(v, term if count == 1 else term * count)
         if capture.acc_flat is not None:
             v = _add(v, row_dot(self._flat_gradient(g).to(capture.acc_flat.dtype),
-                                capture.acc_flat))
-        if v is None:
-            v = g.new_zeros(g.shape[0])
-        return v if v.dtype == torch.float64 else v.float()
+                                capture.acc_flat[rows], parts))
+        return g.new_zeros(g.shape[0]) if v is None else v
