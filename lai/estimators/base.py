@@ -26,29 +26,44 @@ def output_gradient(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     z = logits.detach().float() if logits.dtype not in (torch.float32, torch.float64) \
         else logits.detach()
-    if z.dim() in (2, 3) and labels.shape == z.shape[:-1] and not labels.is_floating_point():
-        return _cross_entropy_gradient(z, labels).reshape(z.shape[0], -1)
+    terms = label_terms(z, labels)
+    if terms is not None:
+        return cross_entropy_gradient(z, *terms).reshape(z.shape[0], -1)
     with torch.enable_grad():
         z = z.requires_grad_(True)
         (g,) = torch.autograd.grad(per_sample_loss(z, labels).sum(), z)
     return g.reshape(g.shape[0], -1)
 
 
-def _cross_entropy_gradient(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``d ell_x / d z_x`` of :func:`per_sample_loss` in closed form, shaped like ``z``:
-    ``(softmax(z) - onehot(y)) * w`` with ``w = 1`` for classification (``z [B, C]``) and
-    ``w = 1 / (number of labelled positions of the sample)`` for language modelling
-    (``z [B, T, V]``); positions labelled ``IGNORE_INDEX`` get 0. The same numbers as
-    autograd through ``cross_entropy`` to float rounding, for a third of the kernels (a
-    backward through ``log_softmax`` and ``nll_loss`` costs about three softmaxes)."""
+def label_terms(z: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What :func:`cross_entropy_gradient` needs from the labels, for logits shaped like
+    ``z``: ``(y, w)``, each ``[..., 1]`` (``[B, 1]`` for classification, ``[B, T, 1]`` for a
+    language model): the target index (0 where ignored) and the weight of the position in
+    the sample's loss (``1``; for an LM ``1 / labelled positions``, 0 where ignored). None
+    where the closed form does not apply (soft or mis-shaped labels). Row ``j`` of each
+    belongs to sample ``j``, so a block of samples can use a slice of them."""
+    if not (z.dim() in (2, 3) and labels.shape == z.shape[:-1]
+            and not labels.is_floating_point()):
+        return None
     valid = labels != IGNORE_INDEX
-    g = torch.softmax(z, -1)
     y = labels.masked_fill(~valid, 0).unsqueeze(-1)
-    g.scatter_add_(-1, y, g.new_full(y.shape, -1.0))
-    w = valid.to(g.dtype)
+    dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 logits: float32 weights
+    w = valid.to(dtype)
     if z.dim() == 3:  # per-sample loss = mean over labelled positions
-        w = w / valid.sum(1, keepdim=True).clamp_min(1).to(g.dtype)
-    return g.mul_(w.unsqueeze(-1))
+        w = w / valid.sum(1, keepdim=True).clamp_min(1).to(dtype)
+    return y, w.unsqueeze(-1)
+
+
+def cross_entropy_gradient(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``d ell_x / d z_x`` of :func:`per_sample_loss` in closed form, shaped like ``z``:
+    ``(softmax(z) - onehot(y)) * w`` with ``(y, w)`` from :func:`label_terms` (positions
+    labelled ``IGNORE_INDEX`` get 0). The same numbers as autograd through
+    ``cross_entropy`` to float rounding, for a third of the kernels (a backward through
+    ``log_softmax`` and ``nll_loss`` costs about three softmaxes)."""
+    g = torch.softmax(z, -1)
+    g.scatter_add_(-1, y, g.new_full(y.shape, -1.0))
+    return g.mul_(w)
 
 
 class OnlineEstimator(ABC):

@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from lai.batching import Batch, forward_logits, per_sample_loss
-from lai.estimators.base import OnlineEstimator, output_gradient
+from lai.estimators.base import (OnlineEstimator, cross_entropy_gradient, label_terms,
+                                 output_gradient)
 from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
                                     output_layer_name, preserved_buffers, select_layers)
 from lai.estimators.offload import HostCache
@@ -99,17 +100,11 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, parts: int = 8,
     return out
 
 
-def output_layer_gradient(tap: LayerTap, labels: torch.Tensor,
-                          rows: slice | None = None) -> torch.Tensor:
-    """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``);
-    with ``rows``, only those samples' rows (``labels`` are then the whole batch's)."""
+def output_layer_gradient(tap: LayerTap, labels: torch.Tensor) -> torch.Tensor:
+    """``G = d ell / d s^(L)`` per sample as ``[B, T_out, K]`` (``T_out = 1`` for ``[B, K]``)."""
     logits, s = tap.logits, tap.output
-    if closed_form_gradient(tap):  # each sample's G from its own logits
-        if rows is not None:
-            logits, labels = logits[rows], labels[rows]
+    if closed_form_gradient(tap):
         g = output_gradient(logits, labels).view(logits.shape)
-    elif rows is not None:
-        return output_layer_gradient(tap, labels)[rows]
     else:
         with torch.enable_grad():
             loss = per_sample_loss(logits if logits.dtype == torch.float64 else logits.float(),
@@ -119,6 +114,11 @@ def output_layer_gradient(tap: LayerTap, labels: torch.Tensor,
         g = g.detach()
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
+    return per_token(g)
+
+
+def per_token(g: torch.Tensor) -> torch.Tensor:
+    """An output gradient shaped like ``s^(L)`` as ``[B, T_out, K]``."""
     if g.dim() == 2:
         return g.unsqueeze(1)
     return g.reshape(g.shape[0], g.shape[1], -1) if g.dim() >= 3 else g.view(-1, 1, 1)
@@ -409,16 +409,15 @@ class LAIEstimator(OnlineEstimator):
 
     def _train_gradient(self, capture: _ScoreCapture) -> torch.Tensor:
         """``[B, T_out, K]``: the training batch's output gradients, preconditioned."""
-        return self._gradient(capture, None, self._precondition()
+        return self._gradient(capture, self._precondition()
                               if self._precondition is not None else None)
 
     @staticmethod
-    def _gradient(capture: _ScoreCapture, rows: slice | None,
-                  scale: torch.Tensor | None) -> torch.Tensor:
-        """The output gradients of the batch rows ``rows`` (all: None), times ``scale``."""
+    def _gradient(capture: _ScoreCapture, scale: torch.Tensor | None) -> torch.Tensor:
+        """``[B, T_out, K]``: the batch's output gradients times ``scale`` (if any)."""
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
-        g = output_layer_gradient(capture.tap, capture.labels, rows)  # [B, T, K]
+        g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
         if scale is not None:
             g = g * scale.to(g.dtype)
         return g
@@ -460,26 +459,38 @@ class LAIEstimator(OnlineEstimator):
         # G is as large as the logits ([B, T, vocab] for an LM): where it comes in closed form
         # it is taken for a block of rows at a time, so the step never holds all of it beside
         # the [B, T, K] accumulator (the same values: each sample's G depends on its own
-        # logits alone)
+        # logits alone; the label terms are computed once for all blocks)
         b = capture.logits.shape[0]
-        block = b
-        if closed_form_gradient(capture.tap) and capture.logits.numel() > row_dot_small:
-            block = -(-b // self.score_blocks)
+        block, terms = b, None
+        if (closed_form_gradient(capture.tap) and b > 1
+                and capture.logits.numel() > row_dot_small):
+            terms = label_terms(capture.logits, capture.labels)
+            if terms is not None:
+                block = -(-b // self.score_blocks)
         scale = self._precondition() if self._precondition is not None else None
-        values = [self._score_rows(capture, slice(start, min(b, start + block)), scale)
+        values = [self._score_rows(capture, slice(start, min(b, start + block)), scale, terms)
                   for start in range(0, b, block)]
         v = values[0] if len(values) == 1 else torch.cat(values)
         return v if v.dtype == torch.float64 else v.float()
 
-    def _score_rows(self, capture: _ScoreCapture, rows: slice,
-                    scale: torch.Tensor | None) -> torch.Tensor:
+    def _score_rows(self, capture: _ScoreCapture, rows: slice, scale: torch.Tensor | None,
+                    terms: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """``[len(rows)]``: the folded form's values of the batch rows ``rows`` (see
-        :meth:`score`); ``scale``: the preconditioner's, read once per score."""
-        whole = rows.start == 0 and rows.stop == capture.logits.shape[0]
-        g = self._gradient(capture, None if whole else rows, scale)
-        v = None
+        :meth:`score`); ``scale``: the preconditioner's, read once per score; ``terms``: the
+        whole batch's :func:`label_terms` (the rows' G is then taken from their logits alone)
+        or None (G of the whole batch, ``rows`` being all of it)."""
+        whole = terms is None
+        if whole:
+            g = self._gradient(capture, scale)
+        else:
+            z = capture.logits[rows].detach()
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+            g = per_token(cross_entropy_gradient(z, terms[0][rows], terms[1][rows]))
+            if scale is not None:
+                g = g * scale.to(g.dtype)
         # a block of rows is already a fraction of the batch: one product per block
         parts = 8 if whole else 1
+        v = None
         if capture.acc_tok is not None:
             v = row_dot(g.to(capture.acc_tok.dtype), capture.acc_tok[rows], parts)
         for phi, m, count, _ in capture.deferred:  # sum_t <M^T G_{j,t}, phi(j,t)>
