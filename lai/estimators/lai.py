@@ -413,11 +413,19 @@ class LAIEstimator(OnlineEstimator):
                               if self._precondition is not None else None)
 
     @staticmethod
-    def _gradient(capture: _ScoreCapture, scale: torch.Tensor | None) -> torch.Tensor:
-        """``[B, T_out, K]``: the batch's output gradients times ``scale`` (if any)."""
+    def _gradient(capture: _ScoreCapture, scale: torch.Tensor | None, rows: slice | None = None,
+                  terms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[B, T_out, K]``: the batch's output gradients times ``scale`` (if any); with
+        ``terms`` (the whole batch's :func:`label_terms`), those of the rows ``rows`` only,
+        in closed form from their own logits."""
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
-        g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
+        if terms is None:
+            g = output_layer_gradient(capture.tap, capture.labels)  # [B, T, K]
+        else:
+            z = capture.logits[rows].detach()
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+            g = per_token(cross_entropy_gradient(z, terms[0][rows], terms[1][rows]))
         if scale is not None:
             g = g * scale.to(g.dtype)
         return g
@@ -479,17 +487,9 @@ class LAIEstimator(OnlineEstimator):
         :meth:`score`); ``scale``: the preconditioner's, read once per score; ``terms``: the
         whole batch's :func:`label_terms` (the rows' G is then taken from their logits alone)
         or None (G of the whole batch, ``rows`` being all of it)."""
-        whole = terms is None
-        if whole:
-            g = self._gradient(capture, scale)
-        else:
-            z = capture.logits[rows].detach()
-            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-            g = per_token(cross_entropy_gradient(z, terms[0][rows], terms[1][rows]))
-            if scale is not None:
-                g = g * scale.to(g.dtype)
+        g = self._gradient(capture, scale, rows, terms)
         # a block of rows is already a fraction of the batch: one product per block
-        parts = 8 if whole else 1
+        parts = 8 if terms is None else 1
         v = None
         if capture.acc_tok is not None:
             v = row_dot(g.to(capture.acc_tok.dtype), capture.acc_tok[rows], parts)
