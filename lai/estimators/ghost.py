@@ -15,7 +15,9 @@ LayerNorm/BatchNorm affine parameters, biases, HF ``Conv1D``, tied weights and f
 
 Cost: one backward over the validation batch per cache refresh (``g_V``), and a forward pass
 carrying tangents for the training batch. The primal outputs of that pass keep their
-reverse-mode graph, so in one-pass training the same forward also feeds the backward.
+reverse-mode graph, so in one-pass training the same forward also feeds the backward; that
+graph is kept free of tangents (:func:`lai.estimators.tangents.tangent_free_graph`), so the
+pass holds the memory of a plain forward plus the tangents in flight.
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -46,6 +48,7 @@ from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
 from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
+from lai.estimators.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
 
@@ -217,8 +220,11 @@ class GhostEstimator(OnlineEstimator):
             cap.logits = logits_of(output)
 
         handle = model.register_forward_hook(keep_logits)
+        # with grad enabled the same forward feeds the training backward: keep its graph
+        # free of tangents (values unchanged, peak memory as vanilla's)
+        lean = tangent_free_graph(model) if torch.is_grad_enabled() else nullcontext()
         try:
-            with fwAD.dual_level(), dual_parameters(model, self._tangents):
+            with fwAD.dual_level(), dual_parameters(model, self._tangents), lean:
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:
