@@ -103,3 +103,32 @@ def test_training_forward_holds_no_tangent_graph(monkeypatch):
     full = _forward_excess_bytes(model, est, batch)
     assert lean <= 2.1 * base, (lean, base)
     assert full >= 1.5 * lean, (full, lean)
+
+
+def test_bit_identical_under_bf16_autocast(monkeypatch):
+    """ResNet-18 in fp32 under CPU bf16 autocast (the trainer's GPU setting): bf16 module
+    outputs and tangents are detached the same way."""
+    torch.manual_seed(0)
+    model = _resnet18().float().train()
+    est = GhostEstimator(mode="forward")
+    est.forward_context = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    batch = as_batch((torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float32),
+                      torch.randint(0, 4, (8,), generator=g)))
+    est.refresh(model, batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with est.capture(model, batch) as cap, est.forward_context():
+            logits = forward_logits(model, batch.inputs)
+        assert logits.dtype == torch.bfloat16
+        per_sample_loss(logits.float(), batch.labels).mean().backward()
+        return est.score(cap), [p.grad.clone() for p in model.parameters()]
+
+    values, grads = step()
+    model.load_state_dict(state)
+    _without_tangent_free_graph(monkeypatch)
+    ref_values, ref_grads = step()
+    assert torch.equal(values, ref_values)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
