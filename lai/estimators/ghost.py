@@ -15,9 +15,10 @@ LayerNorm/BatchNorm affine parameters, biases, HF ``Conv1D``, tied weights and f
 
 Cost: one backward over the validation batch per cache refresh (``g_V``), and a forward pass
 carrying tangents for the training batch. The primal outputs of that pass keep their
-reverse-mode graph, so in one-pass training the same forward also feeds the backward; that
-graph is kept free of tangents (:func:`lai.estimators.tangents.tangent_free_graph`), so the
-pass holds the memory of a plain forward plus the tangents in flight.
+reverse-mode graph, so in one-pass training the same forward also feeds the backward; the
+tangents' own reverse graph is freed module by module
+(:func:`lai.estimators.tangents.tangent_free_graph`), and the pass holds a plain forward's
+memory plus about one tangent per saved activation (autograd keeps those until the pass ends).
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
