@@ -221,8 +221,8 @@ class GhostEstimator(OnlineEstimator):
             cap.logits = logits_of(output)
 
         handle = model.register_forward_hook(keep_logits)
-        # with grad enabled the same forward feeds the training backward: keep its graph
-        # free of tangents (values unchanged, peak memory as vanilla's)
+        # with grad enabled the same forward feeds the training backward: free the graph
+        # autograd records for the tangents themselves (values unchanged)
         lean = tangent_free_graph(model) if torch.is_grad_enabled() else nullcontext()
         try:
             with fwAD.dual_level(), dual_parameters(model, self._tangents), lean:

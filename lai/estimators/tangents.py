@@ -33,9 +33,10 @@ from torch import nn
 
 def _drop_tangent_graph(x: Any) -> None:
     """Detach, in place, the tangent of each dual tensor in ``x`` (a tensor, or a tuple, list
-    or mapping of them, e.g. a Hugging Face ``ModelOutput``) whose tangent has a reverse graph: the dual keeps the same tangent values
-    and its primal keeps its graph. A tangent that is a view cannot be detached in place and
-    is left: the next module's output cuts its graph."""
+    or mapping of them, e.g. a Hugging Face ``ModelOutput``) whose tangent has a reverse
+    graph: the dual keeps the same tangent values and its primal keeps its graph. A tangent
+    that is a view cannot be detached in place and is left: the next module's output cuts
+    its graph."""
     if isinstance(x, torch.Tensor):
         tangent = fwAD.unpack_dual(x).tangent
         if tangent is not None and tangent.requires_grad and not tangent._is_view():

@@ -1,5 +1,6 @@
 """Ghost's forward form inside a training forward: the graph it leaves for the backward holds
-no tangents (lai/estimators/tangents.py), with values and gradients bit-identical."""
+no record of tangent operations (lai/estimators/tangents.py), with values and gradients
+bit-identical."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -22,7 +23,8 @@ def _resnet18() -> nn.Module:
 
 def _image_batch(n: int) -> Batch:
     g = torch.Generator().manual_seed(1)
-    return as_batch((torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)))
+    return as_batch((torch.randn(n, 3, 32, 32, generator=g),
+                     torch.randint(0, 4, (n,), generator=g)))
 
 
 CASES = {
@@ -37,12 +39,15 @@ CASES = {
 
 def _training_step(model: nn.Module, est: GhostEstimator, batch: Batch
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One-pass training step as the trainer runs it: the forward inside the capture, the
-    backward of the mean loss after it. Returns the values and the parameters' gradients."""
+    """One-pass training step as the trainer runs it: the forward inside the capture (under
+    the estimator's ``forward_context``, e.g. bf16 autocast), the backward of the mean loss
+    (bf16 logits taken in fp32) after it. Returns the values and the parameters' gradients."""
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        with est.capture(model, batch) as cap:
+        with est.capture(model, batch) as cap, est.forward_context():
             logits = forward_logits(model, batch.inputs)
+        if logits.dtype == torch.bfloat16:
+            logits = logits.float()
         per_sample_loss(logits, batch.labels).mean().backward()
     return est.score(cap), [p.grad.clone() for p in model.parameters()]
 
@@ -116,19 +121,13 @@ def test_bit_identical_under_bf16_autocast(monkeypatch):
     batch = as_batch((torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float32),
                       torch.randint(0, 4, (8,), generator=g)))
     est.refresh(model, batch)
+    with torch.no_grad(), est.forward_context():
+        assert model.eval()(batch.inputs).dtype == torch.bfloat16
+    model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with est.capture(model, batch) as cap, est.forward_context():
-            logits = forward_logits(model, batch.inputs)
-        assert logits.dtype == torch.bfloat16
-        per_sample_loss(logits.float(), batch.labels).mean().backward()
-        return est.score(cap), [p.grad.clone() for p in model.parameters()]
-
-    values, grads = step()
+    values, grads = _training_step(model, est, batch)
     model.load_state_dict(state)
     _without_tangent_free_graph(monkeypatch)
-    ref_values, ref_grads = step()
+    ref_values, ref_grads = _training_step(model, est, batch)
     assert torch.equal(values, ref_values)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
