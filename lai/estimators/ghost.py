@@ -112,6 +112,18 @@ def _probe_plan_or_raise(model: nn.Module) -> list:
     return plan
 
 
+def _check_released_tangents_unread(values: torch.Tensor, losses: torch.Tensor) -> None:
+    """RuntimeError if the forward form's ``values`` are not finite while the ``losses`` are:
+    the sign that the model read a tangent that :func:`tangent_free_graph` had released."""
+    if not bool(torch.isfinite(values).all()) and bool(torch.isfinite(losses.detach()).all()):
+        raise RuntimeError(
+            "ghost's forward-mode values are not finite while the training losses are: the "
+            "model read a tensor after dropping every Python reference to it (e.g. through a "
+            "view's ._base or autograd's saved tensors), whose tangent had been released, or "
+            "the validation gradient g_V overflowed. Set estimator.release_tangents=false "
+            "(GhostEstimator(release_tangents=False)) to keep every tangent.")
+
+
 class _GhostCapture:
     def __init__(self, labels: torch.Tensor):
         self.labels = labels
@@ -130,18 +142,21 @@ class GhostEstimator(OnlineEstimator):
 
     def __init__(self, chunk_size: int = 512,
                  direction: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
-                 mode: str = "auto"):
+                 mode: str = "auto", release_tangents: bool = True):
         if mode not in GHOST_MODES:
             raise ValueError(f"ghost mode must be one of {', '.join(GHOST_MODES)}, got {mode!r}")
         self.chunk_size = int(chunk_size)
         self.direction = direction
         self.mode = mode
+        # forward form: release the tangents of tensors nothing can read any more (tangents.py)
+        self.release_tangents = bool(release_tangents)
         self._tangents: dict[int, torch.Tensor] | None = None
         self._params: list[nn.Parameter] = []
         # the form :meth:`capture` uses; `plan` settles "auto" ("forward" until it is called)
         self.active_mode = "probe" if mode == "probe" else "forward"
         self._probe_plan: list | None = None
         self._coverage_checked = False
+        self._release_checked = False
 
     @property
     def scores_after_backward(self) -> bool:
@@ -223,16 +238,25 @@ class GhostEstimator(OnlineEstimator):
         handle = model.register_forward_hook(keep_logits)
         # with grad enabled the same forward feeds the training backward: free the graph
         # autograd records for the tangents themselves (values unchanged)
-        lean = tangent_free_graph(model) if torch.is_grad_enabled() else nullcontext()
+        lean = (tangent_free_graph(model, release=self.release_tangents)
+                if torch.is_grad_enabled() else nullcontext())
         try:
-            with fwAD.dual_level(), dual_parameters(model, self._tangents), lean:
+            with fwAD.dual_level(), dual_parameters(model, self._tangents), lean as release:
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:
+                    # a released tangent read again fails inside forward AD (a new view of
+                    # it) or reads NaN (checked below)
+                    hint = ("" if release is None or not release.released else
+                            "; or the model read a tensor after dropping every Python "
+                            "reference to it, whose tangent had been released: set "
+                            "estimator.release_tangents=false")
                     if "forward" in str(e).lower() and ("ad" in str(e) or "grad" in str(e)):
                         raise NotImplementedError(
                             "ghost needs forward-mode AD through every operation of the model, "
-                            f"and one of them has none: {str(e).splitlines()[0]}") from e
+                            f"and one of them has none: {str(e).splitlines()[0]}{hint}") from e
+                    if hint:
+                        raise RuntimeError(f"{str(e).splitlines()[0]}{hint}") from e
                     raise
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")
@@ -242,6 +266,12 @@ class GhostEstimator(OnlineEstimator):
                 tangent = fwAD.unpack_dual(losses).tangent
                 cap.values = (tangent.detach() if tangent is not None
                               else torch.zeros_like(losses.detach()))
+                # a released tangent reads NaN (tangents.py). Checked at the first capture
+                # only: the check waits for the device, and reading a tensor back is the
+                # model's code, the same at every step
+                if release is not None and release.released and not self._release_checked:
+                    self._release_checked = True
+                    _check_released_tangents_unread(cap.values, losses)
         finally:
             handle.remove()
 

@@ -127,7 +127,8 @@ def run_experiment(cfg: DictConfig) -> dict:
         estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
                                     output_layer=cfg.estimator.output_layer, cache=cache,
                                     ghost_mode=cfg.estimator.ghost_mode,
-                                    offload=cfg.estimator.offload)
+                                    offload=cfg.estimator.offload,
+                                    release_tangents=cfg.estimator.get("release_tangents", True))
         policy = build_policy_from_config(cfg.policy)
 
     else:
