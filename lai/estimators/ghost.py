@@ -16,9 +16,10 @@ LayerNorm/BatchNorm affine parameters, biases, HF ``Conv1D``, tied weights and f
 Cost: one backward over the validation batch per cache refresh (``g_V``), and a forward pass
 carrying tangents for the training batch. The primal outputs of that pass keep their
 reverse-mode graph, so in one-pass training the same forward also feeds the backward; the
-tangents' own reverse graph is freed module by module
-(:func:`lai.estimators.tangents.tangent_free_graph`), and the pass holds a plain forward's
-memory plus about one tangent per saved activation (autograd keeps those until the pass ends).
+tangents' own reverse graph is freed module by module, and the tangents of tensors no Python
+code references any more are released as each module returns
+(:func:`lai.estimators.tangents.tangent_free_graph`; ``release_tangents=False`` keeps them,
+as autograd otherwise would, one per saved activation until the pass ends).
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -136,6 +137,9 @@ class GhostEstimator(OnlineEstimator):
 
     ``direction``: optional callable mapping the list of validation gradients to the tangent
     direction actually used (Adam preconditioning scales them by ``1/(sqrt(v_hat)+eps)``).
+    ``release_tangents`` (forward form, grad enabled): release the tangents of tensors the
+    model no longer references (:mod:`lai.estimators.tangents`); the first capture checks that
+    none was read again (RuntimeError naming the switch if one was).
     """
 
     name = "ghost"

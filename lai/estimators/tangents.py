@@ -32,8 +32,9 @@ tracker counts Python references as ``sys.getrefcount`` less one when the tensor
 use count is above one (PyTorch then keeps its Python object alive with a reference of
 its own). If a released tangent were read anyway (a model that fetches a tensor back
 from autograd's graph during its forward), it would read NaN, so the values would not be
-finite: :class:`~lai.estimators.ghost.GhostEstimator` checks that (``release_tangents``
-switches this off).
+finite, and a new view of it fails inside forward AD:
+:class:`~lai.estimators.ghost.GhostEstimator` checks the values at its first capture and
+names its ``release_tangents`` switch in both errors.
 
 Measured with :class:`lai.train.memory.PeakTensorMemory` on torchvision's ResNet-18 in train
 mode, batch 128 at 32x32, fp32, the forward's peak above its start: 203 MiB with neither,
