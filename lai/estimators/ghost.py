@@ -251,16 +251,16 @@ class GhostEstimator(OnlineEstimator):
                 except (NotImplementedError, RuntimeError) as e:
                     # a released tangent read again fails inside forward AD (a new view of
                     # it) or reads NaN (checked below)
-                    hint = ("" if release is None or not release.released else
-                            "; or the model read a tensor after dropping every Python "
-                            "reference to it, whose tangent had been released: set "
-                            "estimator.release_tangents=false")
+                    reason = ("the model read a tensor after dropping every Python reference "
+                              "to it, whose tangent had been released: set "
+                              "estimator.release_tangents=false")
+                    hint = ("" if release is None or not release.released else f"; or {reason}")
                     if "forward" in str(e).lower() and ("ad" in str(e) or "grad" in str(e)):
                         raise NotImplementedError(
                             "ghost needs forward-mode AD through every operation of the model, "
                             f"and one of them has none: {str(e).splitlines()[0]}{hint}") from e
-                    if hint:
-                        raise RuntimeError(f"{str(e).splitlines()[0]}{hint}") from e
+                    if hint and hasattr(e, "add_note"):  # Python >= 3.11; type kept (OOM)
+                        e.add_note(f"ghost: possibly {reason}")
                     raise
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")

@@ -4,6 +4,7 @@ can reach any more are released during the forward, and values and gradients are
 bit-identical to a forward that keeps everything."""
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -197,3 +198,36 @@ def test_bit_identical_under_bf16_autocast(monkeypatch):
     ref_values, ref_grads = _training_step(model, est, batch)
     assert torch.equal(values, ref_values)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_an_unrelated_error_keeps_its_type_and_message():
+    """An error of the model's own, raised after tangents were released, is re-raised as it
+    was (an out-of-memory error must stay one); on Python >= 3.11 it carries a note naming
+    the switch."""
+
+    class Boom(RuntimeError):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.second(self.first(x))
+            self.second(x)  # a module return: the first layer's output is released here
+            if self.fail:
+                raise Boom("the model's own error")
+            return out
+
+    batch = as_batch((torch.randn(4, 6), torch.randint(0, 3, (4,))))
+    model = Net()
+    model.fail = False
+    est = GhostEstimator(mode="forward")
+    est.refresh(model, batch)
+    model.fail = True
+    with pytest.raises(Boom) as err:
+        _training_step(model, est, batch)
+    assert str(err.value) == "the model's own error"
+    if sys.version_info >= (3, 11):
+        assert any("release_tangents=false" in n for n in err.value.__notes__)
