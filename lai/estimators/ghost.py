@@ -50,6 +50,7 @@ from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
 from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
+from lai.estimators.constant_operands import ConstantOperandMode
 from lai.estimators.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
@@ -140,13 +141,19 @@ class GhostEstimator(OnlineEstimator):
     ``release_tangents`` (forward form, grad enabled): release the tangents of tensors the
     model no longer references (:mod:`lai.estimators.tangents`); the first capture checks that
     none was read again (RuntimeError naming the switch if one was).
+
+    ``constant_operands`` (forward form): compute arithmetic between a dual tensor and a
+    constant (a Python number, a mask) and CPU dropout without the efficient-zero tangents
+    PyTorch would make (:mod:`lai.estimators.constant_operands`): the same values, bit for
+    bit, with less host time per operation.
     """
 
     name = "ghost"
 
     def __init__(self, chunk_size: int = 512,
                  direction: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
-                 mode: str = "auto", release_tangents: bool = True):
+                 mode: str = "auto", release_tangents: bool = True,
+                 constant_operands: bool = True):
         if mode not in GHOST_MODES:
             raise ValueError(f"ghost mode must be one of {', '.join(GHOST_MODES)}, got {mode!r}")
         self.chunk_size = int(chunk_size)
@@ -154,6 +161,9 @@ class GhostEstimator(OnlineEstimator):
         self.mode = mode
         # forward form: release the tangents of tensors nothing can read any more (tangents.py)
         self.release_tangents = bool(release_tangents)
+        # forward form: arithmetic with constants without efficient-zero tangents
+        # (constant_operands.py; the same bits, less host time)
+        self.constant_operands = bool(constant_operands)
         self._tangents: dict[int, torch.Tensor] | None = None
         self._params: list[nn.Parameter] = []
         # the form :meth:`capture` uses; `plan` settles "auto" ("forward" until it is called)
@@ -245,7 +255,9 @@ class GhostEstimator(OnlineEstimator):
         lean = (tangent_free_graph(model, release=self.release_tangents)
                 if torch.is_grad_enabled() else nullcontext())
         try:
-            with fwAD.dual_level(), dual_parameters(model, self._tangents), lean as release:
+            fast = ConstantOperandMode() if self.constant_operands else nullcontext()
+            with (fwAD.dual_level(), dual_parameters(model, self._tangents), lean as release,
+                  fast):
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:

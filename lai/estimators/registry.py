@@ -24,11 +24,14 @@ def unsupported(method: str) -> ValueError:
 def build_estimator(method: str, *, layers: str | None = None, output_layer: str | None = None,
                     cache: str = "auto", chunk_size: int = 512,
                     ghost_mode: str = "auto", offload: bool = False,
-                    release_tangents: bool = True) -> OnlineEstimator:
+                    release_tangents: bool = True,
+                    constant_operands: bool = True) -> OnlineEstimator:
     """An online estimator by name. ``layers`` applies to ``lai`` (default ``all``),
-    ``ghost_mode`` (auto | forward | probe) and ``release_tangents`` (forward form: free the
-    tangents nothing can read any more, :mod:`lai.estimators.tangents`) to ``ghost``, ``offload`` (the validation cache
-    in host memory, prefetched layer by layer) to ``lai`` and ``lli``."""
+    ``ghost_mode`` (auto | forward | probe), ``release_tangents`` (forward form: free the
+    tangents nothing can read any more, :mod:`lai.estimators.tangents`) and
+    ``constant_operands`` (forward form: arithmetic with constants without efficient-zero
+    tangents, :mod:`lai.estimators.constant_operands`) to ``ghost``, ``offload`` (the
+    validation cache in host memory, prefetched layer by layer) to ``lai`` and ``lli``."""
     if offload and method not in ("lai", "lli"):
         raise ValueError(f"offload applies to lai and lli, not {method!r}")
     if method == "vanilla":
@@ -41,7 +44,8 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
                              f"layers={layers!r} instead")
         return LAIEstimator("lli", output_layer, cache, chunk_size, offload=offload)
     if method == "ghost":
-        return GhostEstimator(chunk_size, mode=ghost_mode, release_tangents=release_tangents)
+        return GhostEstimator(chunk_size, mode=ghost_mode, release_tangents=release_tangents,
+                              constant_operands=constant_operands)
     if method == "spl":
         return SPLEstimator()
     raise unsupported(method)

@@ -163,14 +163,17 @@ def tangent_free_graph(model: nn.Module, release: bool = True) -> Iterator[Tange
     def after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if id(module) not in ours:
             return
-        _drop_tangent_graph(output)
-        if tracker is not None:
-            # the inputs are still referenced by the caller here: tracked now, released at a
-            # later module's return once the caller has dropped them
-            tracker.track(args)
-            tracker.track(kwargs)
-            tracker.track(output)
-            tracker.sweep()
+        # bookkeeping on plain tensors: past any torch-function mode of the pass (Ghost's
+        # ConstantOperandMode would add a Python call per tensor attribute read here)
+        with torch._C.DisableTorchFunction():
+            _drop_tangent_graph(output)
+            if tracker is not None:
+                # the inputs are still referenced by the caller here: tracked now, released
+                # at a later module's return once the caller has dropped them
+                tracker.track(args)
+                tracker.track(kwargs)
+                tracker.track(output)
+                tracker.sweep()
 
     handle = nn.modules.module.register_module_forward_hook(after, with_kwargs=True)
     try:

@@ -128,7 +128,9 @@ def run_experiment(cfg: DictConfig) -> dict:
                                     output_layer=cfg.estimator.output_layer, cache=cache,
                                     ghost_mode=cfg.estimator.ghost_mode,
                                     offload=cfg.estimator.offload,
-                                    release_tangents=cfg.estimator.get("release_tangents", True))
+                                    release_tangents=cfg.estimator.get("release_tangents", True),
+                                    constant_operands=cfg.estimator.get("constant_operands",
+                                                                        True))
         policy = build_policy_from_config(cfg.policy)
 
     else:

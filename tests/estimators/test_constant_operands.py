@@ -1,0 +1,219 @@
+"""Forward-mode arithmetic with a constant operand (lai/estimators/constant_operands.py): every
+case the mode computes gives the primal, tangent and backward gradient PyTorch gives, bit for
+bit, without making an efficient-zero tangent; the cases it leaves alone are untouched; and
+Ghost's values and training gradients on BERT (dropout on) and GPT-Neo are bit-identical with
+the mode on and off."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lai.batching import as_batch
+from lai.estimators.constant_operands import ConstantOperandMode
+from lai.estimators.ghost import GhostEstimator
+from tests.estimators.nets import lm_batch, tiny_bert_classifier, tiny_lm, token_batch
+from tests.estimators.test_tangents import _training_step
+
+
+class ZeroTangentCount(TorchDispatchMode):
+    """Counts the operations run on ``meta`` tensors under it (``n``): arithmetic on an
+    efficient-zero tangent works out its result's shape that way, in Python in torch 2.15
+    (``prims.mul`` and the like), which is the cost the mode avoids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _c(shape, dtype=torch.float32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype) + 2.0  # away from 0: division
+
+
+def _inplace(op):
+    def f(x, c):
+        y = x.clone()  # a non-leaf dual tensor (in place on a leaf's view is refused)
+        op(y, c)
+        return y
+    return f
+
+
+# (function of the dual tensor x [4, 5] and a constant, the constant's shape or None for none)
+HANDLED = {
+    "x*number": (lambda x, c: x * 0.5, None),
+    "number*x": (lambda x, c: 0.5 * x, None),
+    "x.mul(int)": (lambda x, c: x.mul(3), None),
+    "x+number": (lambda x, c: x + 1.25, None),
+    "number+x": (lambda x, c: 1.25 + x, None),
+    "add_alpha": (lambda x, c: torch.add(x, 3.0, alpha=2), None),
+    "x-number": (lambda x, c: x - 0.75, None),
+    "sub_alpha": (lambda x, c: torch.sub(x, 1.5, alpha=0.5), None),
+    "x/number": (lambda x, c: x / 8, None),
+    "torch.div": (lambda x, c: torch.div(x, 3.0), None),
+    "x*=": (_inplace(lambda y, c: y.__imul__(2.5)), None),
+    "x+=": (_inplace(lambda y, c: y.__iadd__(1.5)), None),
+    "x-=": (_inplace(lambda y, c: y.sub_(0.5)), None),
+    "x/=": (_inplace(lambda y, c: y.div_(3.0)), None),
+    "x*tensor": (lambda x, c: x * c, (4, 5)),
+    "tensor*x": (lambda x, c: c * x, (4, 5)),
+    "x*broadcast": (lambda x, c: x * c, (5,)),
+    "x*0dim": (lambda x, c: x * c, ()),
+    "x/tensor": (lambda x, c: x / c, (4, 5)),
+    "x+mask": (lambda x, c: x + c, (1, 5)),
+    "mask+x": (lambda x, c: c + x, (4, 5)),
+    "x+grows": (lambda x, c: x[:, :1] + c, (4, 5)),  # the tangent is broadcast
+    "x-tensor": (lambda x, c: x - c, (4, 5)),
+    "torch.mul": (lambda x, c: torch.mul(x, c), (4, 5)),
+}
+# with ``alpha`` PyTorch's binding takes the number as a Scalar already: no zero tangent
+CHEAP_IN_PYTORCH = {"add_alpha", "sub_alpha"}
+UNHANDLED = {  # left to PyTorch: the mode must not change them
+    "where": (lambda x, c: torch.where(c > 2.0, x, c), (4, 5)),
+    "tensor-x": (lambda x, c: c - x, (4, 5)),
+    "tensor/x": (lambda x, c: c / x, (4, 5)),
+    "add_alpha_tensor": (lambda x, c: torch.add(x, c, alpha=2), (4, 5)),
+    "complex": (lambda x, c: (x * 1j).real, None),
+    "dual*dual": (lambda x, c: x * x, None),
+    "x.mul_(tensor)": (_inplace(lambda y, c: y.mul_(c)), (4, 5)),
+}
+
+
+def _run(fn, cshape, dtype, mode: bool, count: bool = True):
+    """(primal, tangent, gradient of sum(primal * w) w.r.t. x, efficient zeros made (with
+    ``count``), calls the mode computed)."""
+    x = _c((4, 5), dtype, seed=1).requires_grad_()
+    tangent = _c((4, 5), dtype, seed=2)
+    c = None if cshape is None else _c(cshape, dtype if dtype != torch.bfloat16
+                                       else torch.float32)
+    counter, fast = ZeroTangentCount(), ConstantOperandMode()
+    with fwAD.dual_level():
+        with (counter if count else _Off()), (fast if mode else _Off()):
+            out = fn(fwAD.make_dual(x, tangent), c)
+        primal, out_tangent = fwAD.unpack_dual(out)
+        primal, out_tangent = primal.clone(), out_tangent.clone()
+    w = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)
+    (grad,) = torch.autograd.grad((out * w).sum(), x)
+    return primal, out_tangent, grad, counter.n, fast.handled
+
+
+class _Off:
+    """A no-op context manager standing in for the mode when it is off."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(HANDLED))
+def test_handled_case_is_pytorchs_result_without_zero_tangents(case, dtype):
+    fn, cshape = HANDLED[case]
+    ref = _run(fn, cshape, dtype, mode=False)
+    got = _run(fn, cshape, dtype, mode=True)
+    for name, a, b in zip(("primal", "tangent", "grad"), got[:3], ref[:3]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    assert ref[3] > 0 or case in CHEAP_IN_PYTORCH  # PyTorch's zero tangent at work ...
+    assert got[3] == 0 and got[4] >= 1  # ... and the mode computed the call without one
+
+
+@pytest.mark.parametrize("case", list(UNHANDLED))
+def test_unhandled_case_is_left_to_pytorch(case):
+    fn, cshape = UNHANDLED[case]
+    # no dispatch mode: torch 2.15 crashes (segfault) on ``c / x`` under one
+    ref = _run(fn, cshape, torch.float32, mode=False, count=False)
+    got = _run(fn, cshape, torch.float32, mode=True, count=False)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], ref[:3]))
+    assert got[4] == 0
+
+
+def test_added_tangent_is_not_shared_with_the_input():
+    """``x + c`` gets a tangent of its own: an in-place operation on the sum leaves x's."""
+    x = torch.randn(3, 4, requires_grad=True)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.ones(3, 4))
+        with ConstantOperandMode() as fast:
+            y = xd + torch.zeros(3, 4)
+            y.mul_(3.0)
+        assert fast.handled == 2
+        assert torch.equal(fwAD.unpack_dual(xd).tangent, torch.ones(3, 4))
+        assert torch.equal(fwAD.unpack_dual(y).tangent, torch.full((3, 4), 3.0))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cpu_dropout_draws_the_same_mask(layout):
+    x0 = torch.randn(6, 7, 5, requires_grad=True)
+    results = []
+    for mode in (False, True):
+        torch.manual_seed(11)
+        counter, fast = ZeroTangentCount(), ConstantOperandMode()
+        with fwAD.dual_level():
+            xd = fwAD.make_dual(x0, torch.randn(6, 7, 5, generator=torch.Generator()
+                                                 .manual_seed(4)))
+            if layout == "transposed":
+                xd = xd.transpose(1, 2)
+            with counter, (fast if mode else _Off()):
+                out = F.dropout(xd, 0.3, training=True)
+            primal, tangent = (v.clone() for v in fwAD.unpack_dual(out))
+        (grad,) = torch.autograd.grad(out.sum(), x0)
+        results.append((primal, tangent, grad, torch.get_rng_state(), counter.n, fast.handled))
+    (p0, t0, g0, r0, n0, _), (p1, t1, g1, r1, n1, h1) = results
+    assert torch.equal(p0, p1) and torch.equal(t0, t1) and torch.equal(g0, g1)
+    assert torch.equal(r0, r1)  # the generator advanced alike
+    assert (p1 == 0).any() and (p1 != 0).any()
+    assert n0 > 0 and n1 == 0 and h1 == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(p=0.0, training=True), dict(p=0.3, training=False),
+                                    dict(p=0.3, training=True, inplace=True)],
+                         ids=["p0", "eval", "inplace"])
+def test_dropout_left_to_pytorch_where_it_is_no_mask_product(kwargs):
+    x0 = torch.randn(4, 5, requires_grad=True)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x0, torch.ones(4, 5)) * 1.0
+        with ConstantOperandMode() as fast:
+            F.dropout(xd, **kwargs)
+    assert fast.handled == 0
+
+
+MODELS = {
+    "bert_dropout": (lambda: tiny_bert_classifier(2),
+                     lambda: as_batch(token_batch(6, 10, 40, 3, seed=1)),
+                     lambda: as_batch(token_batch(4, 10, 40, 3, seed=2))),
+    "gpt_neo_lm": (tiny_lm, lambda: as_batch(lm_batch(5, 12, 40, seed=1)),
+                   lambda: as_batch(lm_batch(3, 12, 40, seed=2))),
+}
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_ghost_values_and_gradients_are_bit_identical_with_the_mode(case):
+    """A training step in train mode (BERT's dropout on, p = 0.1, drawn from the same seed):
+    the mode on and off give the same values and gradients, and with it on the forward makes
+    no efficient-zero tangent."""
+    make_model, make_train, make_val = MODELS[case]
+    torch.manual_seed(0)
+    model = make_model().train()
+    results = {}
+    for on in (False, True):
+        est = GhostEstimator(mode="forward", constant_operands=on)
+        torch.manual_seed(4)  # the model is in train mode: g_V's forward draws dropout too
+        est.refresh(model, make_val())
+        counter = ZeroTangentCount()
+        torch.manual_seed(5)
+        with counter:
+            results[on] = (*_training_step(model, est, make_train()), counter.n)
+    (v0, g0, n0), (v1, g1, n1) = results[False], results[True]
+    assert torch.equal(v0, v1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert v1.abs().sum() > 0
+    assert n0 > 0 and n1 == 0, (n0, n1)
