@@ -84,10 +84,12 @@ def validation_gradient(model: nn.Module, val_batch: Batch, chunk_size: int = 51
 
 
 @contextmanager
-def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]) -> Iterator[None]:
+def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]
+                    ) -> Iterator[list[torch.Tensor]]:
     """Inside an active ``fwAD.dual_level``: every parameter ``p`` whose ``id`` is in
     ``tangents`` is replaced, in every module that holds it (tied weights too), by the dual
-    number ``(p, tangents[id(p)])``; restored on exit. Gradients still flow back to ``p``."""
+    number ``(p, tangents[id(p)])``; restored on exit. Gradients still flow back to ``p``.
+    Yields the dual numbers made."""
     duals: dict[int, torch.Tensor] = {}
     swapped = []
     try:
@@ -99,7 +101,7 @@ def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]) -> Iter
                     duals[id(p)] = fwAD.make_dual(p, tangents[id(p)].to(p.dtype))
                 swapped.append((module, name, p))
                 module._parameters[name] = duals[id(p)]
-        yield
+        yield list(duals.values())
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
@@ -255,9 +257,9 @@ class GhostEstimator(OnlineEstimator):
         lean = (tangent_free_graph(model, release=self.release_tangents)
                 if torch.is_grad_enabled() else nullcontext())
         try:
-            fast = ConstantOperandMode() if self.constant_operands else nullcontext()
-            with (fwAD.dual_level(), dual_parameters(model, self._tangents), lean as release,
-                  fast):
+            with (fwAD.dual_level(), dual_parameters(model, self._tangents) as duals,
+                  lean as release,
+                  ConstantOperandMode(duals) if self.constant_operands else nullcontext()):
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:

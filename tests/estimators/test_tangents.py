@@ -53,7 +53,8 @@ def _training_step(model: nn.Module, est: GhostEstimator, batch: Batch
         if logits.dtype == torch.bfloat16:
             logits = logits.float()
         per_sample_loss(logits, batch.labels).mean().backward()
-    return est.score(cap), [p.grad.clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return est.score(cap), grads  # None: a frozen parameter
 
 
 def _without_tangent_free_graph(monkeypatch) -> None:
