@@ -50,7 +50,7 @@ from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
 from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
-from lai.estimators.constant_operands import ConstantOperandMode
+from lai.estimators.forward_fastpaths import ForwardFastPaths
 from lai.estimators.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
@@ -144,10 +144,11 @@ class GhostEstimator(OnlineEstimator):
     model no longer references (:mod:`lai.estimators.tangents`); the first capture checks that
     none was read again (RuntimeError naming the switch if one was).
 
-    ``constant_operands`` (forward form): compute arithmetic between a dual tensor and a
-    constant (a Python number, a mask) and CPU dropout without the efficient-zero tangents
-    PyTorch would make (:mod:`lai.estimators.constant_operands`): the same values, bit for
-    bit, with less host time per operation.
+    ``forward_fastpaths`` (forward form, :mod:`lai.estimators.forward_fastpaths`): compute
+    arithmetic between a dual tensor and a constant (a Python number, a mask, a frozen bias)
+    and CPU dropout without the efficient-zero tangents PyTorch would make (the same values,
+    bit for bit, with less host time per operation), and train-mode BatchNorm's tangent in a
+    closed form without its temporaries (equal to rounding, less memory).
     """
 
     name = "ghost"
@@ -155,7 +156,7 @@ class GhostEstimator(OnlineEstimator):
     def __init__(self, chunk_size: int = 512,
                  direction: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
                  mode: str = "auto", release_tangents: bool = True,
-                 constant_operands: bool = True):
+                 forward_fastpaths: bool = True):
         if mode not in GHOST_MODES:
             raise ValueError(f"ghost mode must be one of {', '.join(GHOST_MODES)}, got {mode!r}")
         self.chunk_size = int(chunk_size)
@@ -163,9 +164,9 @@ class GhostEstimator(OnlineEstimator):
         self.mode = mode
         # forward form: release the tangents of tensors nothing can read any more (tangents.py)
         self.release_tangents = bool(release_tangents)
-        # forward form: arithmetic with constants without efficient-zero tangents
-        # (constant_operands.py; the same bits, less host time)
-        self.constant_operands = bool(constant_operands)
+        # forward form: constants without efficient-zero tangents (the same bits, less host
+        # time), train-mode BatchNorm's tangent without temporaries (forward_fastpaths.py)
+        self.forward_fastpaths = bool(forward_fastpaths)
         self._tangents: dict[int, torch.Tensor] | None = None
         self._params: list[nn.Parameter] = []
         # the form :meth:`capture` uses; `plan` settles "auto" ("forward" until it is called)
@@ -259,7 +260,7 @@ class GhostEstimator(OnlineEstimator):
         try:
             with (fwAD.dual_level(), dual_parameters(model, self._tangents) as duals,
                   lean as release,
-                  ConstantOperandMode(duals) if self.constant_operands else nullcontext()):
+                  ForwardFastPaths(duals) if self.forward_fastpaths else nullcontext()):
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:

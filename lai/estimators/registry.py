@@ -25,12 +25,12 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
                     cache: str = "auto", chunk_size: int = 512,
                     ghost_mode: str = "auto", offload: bool = False,
                     release_tangents: bool = True,
-                    constant_operands: bool = True) -> OnlineEstimator:
+                    forward_fastpaths: bool = True) -> OnlineEstimator:
     """An online estimator by name. ``layers`` applies to ``lai`` (default ``all``),
     ``ghost_mode`` (auto | forward | probe), ``release_tangents`` (forward form: free the
     tangents nothing can read any more, :mod:`lai.estimators.tangents`) and
-    ``constant_operands`` (forward form: arithmetic with constants without efficient-zero
-    tangents, :mod:`lai.estimators.constant_operands`) to ``ghost``, ``offload`` (the
+    ``forward_fastpaths`` (forward form: constants without efficient-zero tangents, lean
+    train-mode BatchNorm tangent, :mod:`lai.estimators.forward_fastpaths`) to ``ghost``, ``offload`` (the
     validation cache in host memory, prefetched layer by layer) to ``lai`` and ``lli``."""
     if offload and method not in ("lai", "lli"):
         raise ValueError(f"offload applies to lai and lli, not {method!r}")
@@ -45,7 +45,7 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
         return LAIEstimator("lli", output_layer, cache, chunk_size, offload=offload)
     if method == "ghost":
         return GhostEstimator(chunk_size, mode=ghost_mode, release_tangents=release_tangents,
-                              constant_operands=constant_operands)
+                              forward_fastpaths=forward_fastpaths)
     if method == "spl":
         return SPLEstimator()
     raise unsupported(method)

@@ -164,7 +164,7 @@ def tangent_free_graph(model: nn.Module, release: bool = True) -> Iterator[Tange
         if id(module) not in ours:
             return
         # bookkeeping on plain tensors: past any torch-function mode of the pass (Ghost's
-        # ConstantOperandMode would add a Python call per tensor attribute read here)
+        # ForwardFastPaths would add a Python call per tensor attribute read here)
         with torch._C.DisableTorchFunction():
             _drop_tangent_graph(output)
             if tracker is not None:

@@ -129,7 +129,7 @@ def run_experiment(cfg: DictConfig) -> dict:
                                     ghost_mode=cfg.estimator.ghost_mode,
                                     offload=cfg.estimator.offload,
                                     release_tangents=cfg.estimator.get("release_tangents", True),
-                                    constant_operands=cfg.estimator.get("constant_operands",
+                                    forward_fastpaths=cfg.estimator.get("forward_fastpaths",
                                                                         True))
         policy = build_policy_from_config(cfg.policy)
 

@@ -98,25 +98,27 @@ def _forward_excess_bytes(model: nn.Module, est: GhostEstimator | None, batch: B
 
 def test_training_forward_memory(monkeypatch):
     """ResNet-18 in train mode (BatchNorm, in-place ReLU, residual adds), batch 32, float64,
-    the forward's peak above its start as a multiple of a vanilla forward's (measured: 1.53
-    with the release, 1.98 with the graph freed only, 3.87 with everything kept; at batch 128
-    in fp32: 80, 105 and 203 MiB against vanilla's 54). Without the release the forward holds
-    about one tangent per saved activation until it ends; with it, the peak is the first
-    BatchNorm's tangent formula."""
+    the forward's peak above its start as a multiple of a vanilla forward's. Measured: 1.07
+    with the release and BatchNorm's lean tangent (forward_fastpaths.py); 1.53 with
+    PyTorch's BatchNorm formula, which peaks in the stem BatchNorm; 1.98 with the graph
+    freed only; 3.86 with everything kept (PyTorch's own behaviour). At batch 128 in fp32:
+    57.5, 80, 105 and 203 MiB against vanilla's 54."""
     torch.manual_seed(0)
     model = _resnet18().train()
     batch = _image_batch(32)
     excess = {}
-    for name, release in (("release", True), ("graph_only", False)):
-        est = GhostEstimator(mode="forward", release_tangents=release)
+    for name, release, fast in (("release", True, True), ("pytorch_bn", True, False),
+                                ("graph_only", False, False)):
+        est = GhostEstimator(mode="forward", release_tangents=release, forward_fastpaths=fast)
         est.refresh(model, _image_batch(4))
         _forward_excess_bytes(model, est, batch)  # warm-up
         excess[name] = _forward_excess_bytes(model, est, batch)
     base = _forward_excess_bytes(model, None, batch)
     _without_tangent_free_graph(monkeypatch)
     full = _forward_excess_bytes(model, est, batch)
-    assert excess["release"] <= 1.7 * base, (excess, base)
-    assert excess["graph_only"] >= 1.15 * excess["release"], excess
+    assert excess["release"] <= 1.25 * base, (excess, base)
+    assert excess["pytorch_bn"] >= 1.2 * excess["release"], excess
+    assert excess["graph_only"] >= 1.15 * excess["pytorch_bn"], excess
     assert full >= 1.5 * excess["graph_only"], (full, excess)
 
 
