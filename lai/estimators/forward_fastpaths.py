@@ -246,7 +246,8 @@ def _batch_norm_with_lean_tangent(args: tuple, kwargs: dict):
     a = dict(zip(_BN_ARGS, args))
     a.update(kwargs)
     x = a.get("input")
-    if not a.get("training", False) or not isinstance(x, torch.Tensor) or x.dim() < 2:
+    if (not a.get("training", False) or not isinstance(x, torch.Tensor) or x.dim() < 2
+            or a.get("momentum", 0.1) is None):
         return NotImplemented
     p, t = _primal_and_tangent(x)
     if t is None or p.is_complex():
