@@ -50,7 +50,10 @@ then forward and backward on the kept half only). ``ghost/2pass`` is Ghost with 
 forward-mode pass under no_grad (nothing of it is kept for the backward: the low-memory
 form), then a plain forward and backward of the whole batch. On CUDA, ``lai/offload`` is LAI
 with its validation cache in pinned host memory, copied to the GPU layer by layer ahead of use
-(``estimator.offload``, ``lai/estimators/offload.py``).
+(``estimator.offload``, ``lai/estimators/offload.py``). Any Ghost method with ``/nofast``
+appended (``ghost/forward/nofast``, ``ghost/2pass/nofast``; not a default row) runs with
+``estimator.forward_fastpaths=false``, PyTorch's own forward-mode formulas, for an A/B of
+the fast paths (``lai/estimators/forward_fastpaths.py``) in the same process.
 
 Speed settings (the Trainer's own options, recorded in the JSON): ``--precision`` (default
 ``auto``: bf16 autocast on CUDA, fp32 on CPU), ``--channels-last`` (default ``auto``: on for
@@ -262,15 +265,19 @@ class MethodBench:
         self.device, self.b, self.n_val = device, b, n_val
         self.model = model.to(device)
         est_name = method.split("+")[0].split("/")[0]
+        parts = method.split("/")[1:]  # e.g. ghost/forward/nofast -> [forward, nofast]
         filtering = "+filter" in method
-        two_pass = method.endswith("/2pass")
-        ghost_mode = (method.split("/")[1] if method in ("ghost/forward", "ghost/probe")
-                      else "auto")
+        two_pass = "2pass" in parts
+        ghost_mode = parts[0] if est_name == "ghost" and parts[:1] in (["forward"], ["probe"]) \
+            else "auto"
+        if "nofast" in parts and est_name != "ghost":
+            raise ValueError(f"{method}: /nofast applies to ghost only")
         tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
                              strategy="two_pass" if two_pass else "one_pass", **speed)
         ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
-        self.est = build_estimator(est_name, ghost_mode=ghost_mode,
-                                   offload=method.endswith("/offload"))
+        self.est = build_estimator(est_name, ghost_mode=ghost_mode, offload="offload" in parts,
+                                   **({"forward_fastpaths": False} if "nofast" in parts
+                                      else {}))
         policy = (build_policy("percentile", keep_fraction=0.5) if filtering
                   else build_policy("score_only"))
         self.tr = Trainer(self.model, data, self.est, policy, tcfg, ecfg, device,
@@ -449,6 +456,10 @@ def main() -> None:
     ap.add_argument("--methods", default=None,
                     help=f"default: {','.join(DEFAULT_METHODS)}, and lai/offload on CUDA")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    ap.add_argument("--name", default=None,
+                    help="the JSON's file name without .json (default: online_<device>, plus "
+                         "_<size> at a non-default size: the files Table 4 reads; name a run "
+                         "of other --methods so that it does not replace them)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -490,8 +501,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the default size keeps the name Table 4 reads; other sizes get their own file
-    path = out / (f"online_{'cuda' if device.type == 'cuda' else 'cpu'}"
-                  f"{'' if default_size else '_' + size}.json")
+    path = out / ((args.name or f"online_{'cuda' if device.type == 'cuda' else 'cpu'}"
+                   f"{'' if default_size else '_' + size}") + ".json")
     failed: list[str] = []
     for setup in setups:
         try:

@@ -234,3 +234,31 @@ def test_profile_step_prints_dispatch_and_a_profile(capsys):
     assert "== bert lai: host dispatch" in out and "Self CPU" in out
     with pytest.raises(SystemExit, match="expected setup:method"):
         mod.main(["t5:lai", "--device", "cpu"])
+
+
+def test_nofast_rows_switch_the_fast_paths_off_and_name_keeps_table4s_file(tmp_path,
+                                                                           monkeypatch):
+    """``ghost/forward/nofast`` is the forward form with PyTorch's own formulas (the A/B of
+    lai/estimators/forward_fastpaths.py), ``/nofast`` on another estimator is refused, and
+    ``--name`` writes a run of other methods beside Table 4's file, not over it."""
+    import torch
+
+    bench = _bench_module()
+    speed = {"precision": "fp32", "channels_last": "auto", "compile": False}
+    rows = {m: bench.MethodBench("gpt_neo", m, torch.device("cpu"), "tiny", 2, speed, 1)
+            for m in ("ghost/forward", "ghost/forward/nofast", "ghost/2pass/nofast")}
+    assert rows["ghost/forward"].est.forward_fastpaths
+    assert not rows["ghost/forward/nofast"].est.forward_fastpaths
+    assert rows["ghost/forward/nofast"].est.mode == "forward"
+    assert rows["ghost/2pass/nofast"].tr.cfg.strategy == "two_pass"
+    with pytest.raises(ValueError, match="ghost only"):
+        bench.MethodBench("gpt_neo", "lai/nofast", torch.device("cpu"), "tiny", 2, speed, 1)
+    argv = ["bench_online.py", "--device", "cpu", "--setups", "gpt_neo", "--batch", "2",
+            "--steps", "2", "--block", "2", "--warmup", "1", "--min-seconds", "0",
+            "--methods", "vanilla,ghost/forward/nofast", "--out", str(tmp_path),
+            "--name", "fastpaths_ab"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert not (tmp_path / "online_cpu.json").exists()
+    report = json.loads((tmp_path / "fastpaths_ab.json").read_text())
+    assert set(report["setups"]["gpt_neo"]) == {"vanilla", "ghost/forward/nofast"}
