@@ -50,6 +50,7 @@ from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
 from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
+from lai.estimators import forward_fastpaths
 from lai.estimators.forward_fastpaths import ForwardFastPaths
 from lai.estimators.tangents import tangent_free_graph
 
@@ -114,6 +115,20 @@ def _probe_plan_or_raise(model: nn.Module) -> list:
         raise ValueError("ghost mode=probe needs every trainable parameter in a module linear "
                          f"in it; these are not: {', '.join(missing[:5])}")
     return plan
+
+
+def _note_if_from_fastpaths(e: BaseException) -> None:
+    """On Python >= 3.11, add a note naming the switch to ``e`` when its traceback passes
+    through the forward-mode fast paths (the error's type and message are kept)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == forward_fastpaths.__file__:
+            if hasattr(e, "add_note"):
+                e.add_note("ghost: raised in lai/estimators/forward_fastpaths.py; "
+                           "estimator.forward_fastpaths=false leaves every operation to "
+                           "PyTorch's own forward-mode formulas")
+            return
+        tb = tb.tb_next
 
 
 def _check_released_tangents_unread(values: torch.Tensor, losses: torch.Tensor) -> None:
@@ -276,6 +291,10 @@ class GhostEstimator(OnlineEstimator):
                             f"and one of them has none: {str(e).splitlines()[0]}{hint}") from e
                     if hint and hasattr(e, "add_note"):  # Python >= 3.11; type kept (OOM)
                         e.add_note(f"ghost: possibly {reason}")
+                    _note_if_from_fastpaths(e)
+                    raise
+                except Exception as e:  # a TypeError or ValueError from a fast path, too
+                    _note_if_from_fastpaths(e)
                     raise
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")

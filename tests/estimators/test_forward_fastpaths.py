@@ -319,3 +319,34 @@ def test_batch_norm_with_running_statistics_is_left_alone():
         with ForwardFastPaths() as fast:
             F.batch_norm(xd, torch.zeros(4), torch.ones(4), wd, None, training=False)
     assert fast.handled == 0
+
+
+def test_an_error_raised_in_the_fast_paths_names_the_switch(monkeypatch):
+    """A failure inside a fast path keeps its type and message and, on Python >= 3.11,
+    carries a note naming ``estimator.forward_fastpaths=false``; a model's own error does
+    not get that note."""
+    import sys
+
+    import lai.estimators.forward_fastpaths as fastpaths
+
+    def broken(*args, **kwargs):
+        raise ValueError("simulated failure in a fast path")
+
+    model = tiny_lm().train()
+    est = GhostEstimator(mode="forward")
+    est.refresh(model, as_batch(lm_batch(3, 12, 40, seed=2)))
+    monkeypatch.setattr(fastpaths, "_number_op", broken)
+    with pytest.raises(ValueError, match="simulated failure") as err:
+        _training_step(model, est, as_batch(lm_batch(5, 12, 40, seed=1)))
+    if sys.version_info >= (3, 11):
+        assert any("forward_fastpaths=false" in n for n in err.value.__notes__)
+    monkeypatch.undo()
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("the model's own error")
+
+    with pytest.raises(RuntimeError, match="own error") as err:
+        _training_step(torch.nn.Sequential(torch.nn.Linear(3, 3), Broken()), est,
+                       as_batch((torch.randn(2, 3), torch.tensor([0, 1]))))
+    assert not any("forward_fastpaths" in n for n in getattr(err.value, "__notes__", []))
