@@ -126,3 +126,44 @@ def test_buffer_snapshot_on_the_host_restores_cuda_buffers():
         assert all(c.device.type == "cpu" for _, c, _ in snap._entries.values())
         ids.append(id(snap._entries[id(model.mask)][1]))
     assert ids[0] == ids[1]  # the unchanged mask was copied once
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_ghost_forward_fast_paths_on_cuda(autocast):
+    """Ghost's forward form on CUDA with the fast paths (cuDNN BatchNorm in train mode, its
+    lean tangent from the kernel's own statistics; channels-last; bf16 autocast) against the
+    same step with PyTorch's formulas: the same training gradients, values equal to rounding
+    (bf16: to 2% of the largest), and in fp32 both equal to the CPU float64 values to 1e-4."""
+    from lai.batching import as_batch, forward_logits, per_sample_loss
+    from lai.estimators.ghost import GhostEstimator
+
+    torch.manual_seed(0)
+    model = CNN().double().train()
+    tr = (torch.randn(8, 3, 10, 10, dtype=torch.float64), torch.randint(0, 4, (8,)))
+    va = (torch.randn(5, 3, 10, 10, dtype=torch.float64), torch.randint(0, 4, (5,)))
+
+    def step(m, train, val, fast, ctx):
+        est = GhostEstimator(mode="forward", forward_fastpaths=fast)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        est.refresh(m, as_batch(val))
+        m.zero_grad(set_to_none=True)
+        batch = as_batch(train)
+        with est.capture(m, batch) as cap, ctx():
+            logits = forward_logits(m, batch.inputs)
+        per_sample_loss(logits.float(), batch.labels).mean().backward()
+        m.load_state_dict(state)
+        return est.score(cap).double().cpu(), [p.grad.double().cpu() for p in m.parameters()]
+
+    cpu_values, _ = step(model, tr, va, True, torch.enable_grad)
+    gpu_model = copy.deepcopy(model).float().cuda().to(memory_format=torch.channels_last)
+    train = (tr[0].float().cuda().contiguous(memory_format=torch.channels_last), tr[1].cuda())
+    val = (va[0].float().cuda(), va[1].cuda())
+    ctx = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast
+           else torch.enable_grad)
+    fast_v, fast_g = step(gpu_model, train, val, True, ctx)
+    ref_v, ref_g = step(gpu_model, train, val, False, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(fast_g, ref_g))
+    tol = 0.02 if autocast else 1e-5
+    assert float((fast_v - ref_v).abs().max()) <= tol * float(ref_v.abs().max())
+    if not autocast:
+        assert float((fast_v - cpu_values).norm() / cpu_values.norm()) < 1e-4
