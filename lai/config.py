@@ -69,7 +69,7 @@ class EstimatorConfig:
     precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
     ghost_mode: str = "auto"  # ghost: auto | forward | probe (lai/estimators/ghost.py)
     release_tangents: bool = True  # ghost forward form: free unreachable tangents (tangents.py)
-    # ghost forward form: constants without efficient-zero tangents, lean BatchNorm tangent
+    # ghost forward form: constants without efficient-zero tangents, lean BN/softmax tangents
     forward_fastpaths: bool = True  # (forward_fastpaths.py; less host time and memory)
     offload: bool = False  # lai/lli: cache in host memory, prefetched per layer (for CUDA)
     # static estimators (runner=two_round): ip | lissa | datainf | trak

@@ -47,7 +47,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
-from lai.estimators.base import OnlineEstimator
+from lai.estimators.base import OnlineEstimator, output_gradient
 from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
 from lai.estimators import forward_fastpaths
@@ -117,6 +117,26 @@ def _probe_plan_or_raise(model: nn.Module) -> list:
     return plan
 
 
+def loss_tangent(logits: torch.Tensor, logits_t: torch.Tensor | None,
+                 labels: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the directional derivative of each sample's loss
+    (:func:`lai.batching.per_sample_loss`) when its logits move along ``logits_t``, i.e.
+    ``<d ell_j / d z_j, z_t,j>`` with the closed-form output gradient
+    (:func:`lai.estimators.base.output_gradient`: ``softmax - onehot``, over the labelled
+    positions of an LM); float32 (float64 logits: float64). Zeros where ``logits_t`` is None.
+
+    Forward-mode AD through the cross-entropy would give the same numbers (to rounding) but
+    recomputes the log-softmax inside its formula and, in a training forward, records its
+    ``[B, T, vocab]``-sized temporaries for a backward nobody runs: the loss that trains is
+    the trainer's own."""
+    with torch.no_grad():
+        if logits_t is None:
+            dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            return torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
+        g = output_gradient(logits, labels)  # [B, K], a new tensor
+        return g.mul_(logits_t.detach().reshape(g.shape).to(g.dtype)).sum(1)
+
+
 def _note_if_from_fastpaths(e: BaseException) -> None:
     """On Python >= 3.11, add a note naming the switch to ``e`` when its traceback passes
     through the forward-mode fast paths (the error's type and message are kept)."""
@@ -162,8 +182,10 @@ class GhostEstimator(OnlineEstimator):
     ``forward_fastpaths`` (forward form, :mod:`lai.estimators.forward_fastpaths`): compute
     arithmetic between a dual tensor and a constant (a Python number, a mask, a frozen bias)
     and CPU dropout without the efficient-zero tangents PyTorch would make (the same values,
-    bit for bit, with less host time per operation), and train-mode BatchNorm's tangent in a
-    closed form without its temporaries (equal to rounding, less memory).
+    bit for bit, with less host time per operation), and the tangents of train-mode
+    BatchNorm and softmax in closed forms without their temporaries (equal to rounding; less
+    memory and time). The values are read as each sample's loss tangent from the
+    closed-form output gradient (:func:`loss_tangent`), not by forward AD through the loss.
     """
 
     name = "ghost"
@@ -299,16 +321,15 @@ class GhostEstimator(OnlineEstimator):
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")
                 # the tangents vanish when the dual level closes: read them now
-                losses = per_sample_loss(cap.logits if cap.logits.dtype == torch.float64
-                                         else cap.logits.float(), batch.labels)
-                tangent = fwAD.unpack_dual(losses).tangent
-                cap.values = (tangent.detach() if tangent is not None
-                              else torch.zeros_like(losses.detach()))
+                logits, logits_t = fwAD.unpack_dual(cap.logits)
+                cap.values = loss_tangent(logits, logits_t, batch.labels)
                 # a released tangent reads NaN (tangents.py). Checked at the first capture
                 # only: the check waits for the device, and reading a tensor back is the
                 # model's code, the same at every step
                 if release is not None and release.released and not self._release_checked:
                     self._release_checked = True
+                    with torch.no_grad():
+                        losses = per_sample_loss(logits.detach().float(), batch.labels)
                     _check_released_tangents_unread(cap.values, losses)
         finally:
             handle.remove()

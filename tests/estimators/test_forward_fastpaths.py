@@ -350,3 +350,84 @@ def test_an_error_raised_in_the_fast_paths_names_the_switch(monkeypatch):
         _training_step(torch.nn.Sequential(torch.nn.Linear(3, 3), Broken()), est,
                        as_batch((torch.randn(2, 3), torch.tensor([0, 1]))))
     assert not any("forward_fastpaths" in n for n in getattr(err.value, "__notes__", []))
+
+
+SOFTMAXES = {
+    "F.softmax": lambda x: F.softmax(x, dim=-1),
+    "F.softmax_dim0": lambda x: F.softmax(x, 0),
+    "torch.softmax": lambda x: torch.softmax(x, 1),
+    "Tensor.softmax": lambda x: x.softmax(-1),
+    "F.softmax_dtype": lambda x: F.softmax(x, dim=-1, dtype=torch.float64),
+    "F.log_softmax": lambda x: F.log_softmax(x, dim=-1),
+    "Tensor.log_softmax": lambda x: x.log_softmax(1),
+    "torch.log_softmax_dtype": lambda x: torch.log_softmax(x, -1, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("case", list(SOFTMAXES))
+def test_lean_softmax_tangent(case, dtype):
+    """softmax / log_softmax of a dual input: the same primal and backward gradient as
+    PyTorch, bit for bit; the tangent equal to PyTorch's formula to rounding."""
+    fn = SOFTMAXES[case]
+    g = torch.Generator().manual_seed(3)
+    x0 = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x0.requires_grad_()
+    tx = torch.randn(3, 4, 6, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for mode in (False, True):
+        fast = ForwardFastPaths()
+        with fwAD.dual_level():
+            with (fast if mode else _Off()):
+                out = fn(fwAD.make_dual(x0, tx))
+            primal, tangent = (v.clone() for v in fwAD.unpack_dual(out))
+        w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+        (grad,) = torch.autograd.grad((out * w.to(out.dtype)).sum(), x0)
+        results.append((primal, tangent, grad, fast.handled))
+    (p0, t0, g0, _), (p1, t1, g1, handled) = results
+    assert handled == 1
+    assert torch.equal(p0, p1) and torch.equal(g0, g1)
+    assert t1.dtype == t0.dtype and t1.shape == t0.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(t1, t0, rtol=tol, atol=tol * t0.abs().max().item())
+
+
+def test_softmax_without_dim_is_left_to_pytorch():
+    x0 = torch.randn(3, 4, requires_grad=True)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x0, torch.randn(3, 4))
+        with pytest.warns(UserWarning), ForwardFastPaths() as fast:
+            F.softmax(xd)  # the implicit dim is deprecated; PyTorch picks it
+    assert fast.handled == 0
+
+
+@pytest.mark.parametrize("task", ["classification", "lm", "lm_bf16"])
+def test_loss_tangent_is_forward_ad_through_the_per_sample_loss(task):
+    """Ghost reads each sample's value as the tangent of its loss; ``loss_tangent`` takes it
+    from the closed-form output gradient (no forward AD through the cross-entropy): equal to
+    forward AD through ``per_sample_loss`` to rounding, including ignored LM positions."""
+    from lai.batching import per_sample_loss
+    from lai.estimators.ghost import loss_tangent
+
+    g = torch.Generator().manual_seed(5)
+    if task == "classification":
+        z, y = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    else:
+        z, y = torch.randn(4, 7, 11, generator=g), torch.randint(0, 11, (4, 7), generator=g)
+        y[0, 3:] = -100
+        y[2, :] = -100  # a sample with no labelled position: loss 0, tangent 0
+    if task.endswith("bf16"):
+        z = z.bfloat16()
+    zt = torch.randn(z.shape, generator=g).to(z.dtype)
+    with fwAD.dual_level():  # the reference in float64 (bf16 logits: their exact values)
+        ref = fwAD.unpack_dual(per_sample_loss(fwAD.make_dual(z, zt).double(), y)).tangent
+    got = loss_tangent(z, zt, y)
+    # float64 logits (this folder's default dtype) stay float64; bf16 ones are taken in fp32
+    assert got.shape == ref.shape
+    assert got.dtype == (torch.float32 if task.endswith("bf16") else torch.float64)
+    tol = 1e-6 if task.endswith("bf16") else 1e-12
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if task.startswith("lm"):
+        assert got[2] == 0
+    assert torch.equal(loss_tangent(z, None, y), torch.zeros_like(got))
