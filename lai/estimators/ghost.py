@@ -19,7 +19,11 @@ reverse-mode graph, so in one-pass training the same forward also feeds the back
 tangents' own reverse graph is freed module by module, and the tangents of tensors no Python
 code references any more are released as each module returns
 (:func:`lai.estimators.tangents.tangent_free_graph`; ``release_tangents=False`` keeps them,
-as autograd otherwise would, one per saved activation until the pass ends).
+as autograd otherwise would, one per saved activation until the pass ends). During the pass
+:class:`lai.estimators.forward_fastpaths.ForwardFastPaths` computes arithmetic with
+constants, train-mode BatchNorm and softmax without PyTorch's costlier formulas
+(``forward_fastpaths=False`` keeps PyTorch's), and each value is read from the closed-form
+output gradient (:func:`loss_tangent`).
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -202,7 +206,8 @@ class GhostEstimator(OnlineEstimator):
         # forward form: release the tangents of tensors nothing can read any more (tangents.py)
         self.release_tangents = bool(release_tangents)
         # forward form: constants without efficient-zero tangents (the same bits, less host
-        # time), train-mode BatchNorm's tangent without temporaries (forward_fastpaths.py)
+        # time), train-mode BatchNorm and softmax tangents without temporaries
+        # (forward_fastpaths.py)
         self.forward_fastpaths = bool(forward_fastpaths)
         self._tangents: dict[int, torch.Tensor] | None = None
         self._params: list[nn.Parameter] = []
