@@ -110,16 +110,6 @@ def _tangent(x: object) -> torch.Tensor | None:
     return fwAD.unpack_dual(x).tangent
 
 
-def _as_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """``primal`` with ``tangent`` (cast and broadcast to the primal's dtype and shape, as
-    PyTorch's formulas leave it) as its forward gradient."""
-    if tangent.dtype != primal.dtype:
-        tangent = tangent.to(primal.dtype)
-    if tangent.shape != primal.shape:
-        tangent = tangent.expand(primal.shape)
-    return fwAD.make_dual(primal, tangent)
-
-
 def _number_op(func, args: tuple, kwargs: dict):
     """``func(x, number)`` (``x`` a dual tensor) through the ``.Scalar`` overload of the same
     operation, or NotImplemented. ``number + x`` and ``number * x`` are ``x + number`` and
@@ -145,22 +135,21 @@ def _constant_tensor_op(func, args: tuple, kwargs: dict):
     if func in _RMUL or func in _RADD:  # a.__rmul__(b) is b * a
         a, b = b, a
         func = torch.mul if func in _RMUL else torch.add
-    ta, tb = _tangent(a), _tangent(b)
-    if (ta is None) == (tb is None):
-        return NotImplemented
     alpha = kwargs.get("alpha", 1)
     if set(kwargs) - {"alpha"} or alpha != 1:
         return NotImplemented
-    dual_first = ta is not None
-    x, c = (a, b) if dual_first else (b, a)
-    if c.is_complex() or x.is_complex():
+    (pa, ta), (pb, tb) = _primal_and_tangent(a), _primal_and_tangent(b)
+    if (ta is None) == (tb is None):
         return NotImplemented
-    unpacked = fwAD.unpack_dual(x)
-    p, t = unpacked.primal, unpacked.tangent
+    dual_first = ta is not None
+    (p, t), c = ((pa, ta), b) if dual_first else ((pb, tb), a)
+    if c.is_complex() or p.is_complex():
+        return NotImplemented
+    # t has p's shape and dtype, so t op c has (p op c)'s: no cast or broadcast to mend
     if func in _MUL:
-        return _as_dual(p * c if dual_first else c * p, t * c if dual_first else c * t)
+        return fwAD.make_dual(p * c if dual_first else c * p, t * c if dual_first else c * t)
     if func in _DIV and dual_first:
-        return _as_dual(p / c, t / c)
+        return fwAD.make_dual(p / c, t / c)
     if func in _ADD or (func in _SUB and dual_first):
         out = (p + c if dual_first else c + p) if func in _ADD else p - c
         # a new tensor, as PyTorch's formula gives: a tangent shared with x would be changed
@@ -187,7 +176,7 @@ def _cpu_dropout(args: tuple, kwargs: dict):
         return NotImplemented
     # the noise as ATen's CPU dropout draws it: same generator calls, same values
     noise = torch.empty_like(unpacked.primal).bernoulli_(1 - p).div_(1 - p)
-    return _as_dual(unpacked.primal * noise, unpacked.tangent * noise)
+    return fwAD.make_dual(unpacked.primal * noise, unpacked.tangent * noise)
 
 
 def _frozen_affine(func, args: tuple, kwargs: dict, duals: set[int]):
@@ -319,25 +308,23 @@ def _softmax_with_lean_tangent(func, args: tuple, kwargs: dict):
 class ForwardFastPaths(TorchFunctionMode):
     """Active inside an ``fwAD.dual_level``: arithmetic between a dual tensor and a constant
     (a Python number, a tensor without tangent, a frozen affine parameter) and CPU dropout
-    computed without efficient-zero tangents, and train-mode BatchNorm's tangent computed
-    lean (``lean_batch_norm``), as the module docstring says. ``handled``: how many calls it
+    computed without efficient-zero tangents, and the tangents of train-mode BatchNorm and
+    softmax computed lean, as the module docstring says. ``handled``: how many calls it
     computed so far (the rest went to PyTorch unchanged). ``duals``: tensors known to be dual
     (Ghost's dual parameters), so that checking a layer's trainable bias costs no tangent
     lookup."""
 
-    def __init__(self, duals: Iterable[torch.Tensor] = (), lean_batch_norm: bool = True
-                 ) -> None:
+    def __init__(self, duals: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.handled = 0
         self._duals = {id(t) for t in duals}
-        self.lean_batch_norm = lean_batch_norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _HANDLED:
             if func is F.dropout:
                 out = _cpu_dropout(args, kwargs)
-            elif func is F.batch_norm and self.lean_batch_norm:
+            elif func is F.batch_norm:
                 out = _batch_norm_with_lean_tangent(args, kwargs)
                 if out is NotImplemented:
                     out = _frozen_affine(func, args, kwargs, self._duals)

@@ -30,8 +30,9 @@ def build_estimator(method: str, *, layers: str | None = None, output_layer: str
     ``ghost_mode`` (auto | forward | probe), ``release_tangents`` (forward form: free the
     tangents nothing can read any more, :mod:`lai.estimators.tangents`) and
     ``forward_fastpaths`` (forward form: constants without efficient-zero tangents, lean
-    train-mode BatchNorm and softmax tangents, :mod:`lai.estimators.forward_fastpaths`) to ``ghost``, ``offload`` (the
-    validation cache in host memory, prefetched layer by layer) to ``lai`` and ``lli``."""
+    train-mode BatchNorm and softmax tangents, :mod:`lai.estimators.forward_fastpaths`) to
+    ``ghost``, ``offload`` (the validation cache in host memory, prefetched layer by layer)
+    to ``lai`` and ``lli``."""
     if offload and method not in ("lai", "lli"):
         raise ValueError(f"offload applies to lai and lli, not {method!r}")
     if method == "vanilla":
