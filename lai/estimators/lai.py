@@ -138,6 +138,7 @@ class _ScoreCapture:
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
         self.last_term: tuple | None = None  # token term of the last layer (phi, src, term)
+        self.last_flat: tuple | None = None  # flat term of the last shared entry (same)
         # folded token terms left for score(), gradient side first:
         # [phi [B, T, D], M [K, D], how many layers read them, the hook's phi]
         self.deferred: list[list] = []
@@ -358,8 +359,8 @@ class LAIEstimator(OnlineEstimator):
         if nhwc:
             src = self.M[key] if self.folded else self.phi_v[key]
             if tuple(shape) == tuple(self.shapes[key]):
-                src = self._dev(self._nhwc_source(src, shape))
-                cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
+                self._add_flat(cap, phi, phi, self._nhwc_source(src, shape),
+                               self._shared.get(key, False))
                 return
             c, h, w = shape  # cannot be aligned in that order: back to (C, H, W) rows
             phi = phi.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(phi.shape[0], -1)
@@ -367,10 +368,11 @@ class LAIEstimator(OnlineEstimator):
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
             src = self.M[key] if self.folded else self.phi_v[key]
-            last = cap.last_term
+            last, cap.last_term = cap.last_term, None  # held no longer than the next layer
             if last is not None and last[0] is phi_in and last[1] is src:
                 # same rows, same cache tensor (q/k/v of one attention block): the same
                 # term, added again instead of recomputed (the product is B T K D_l)
+                cap.last_term = last
                 cap.acc_tok = _add(cap.acc_tok, last[2])
                 return
             if self._defer_tokens:  # folded, contracted in score(): see refresh()
@@ -391,9 +393,29 @@ class LAIEstimator(OnlineEstimator):
             cap.last_term = (phi_in, src, term)  # the host entry: the identity q/k/v share
             cap.acc_tok = _add(cap.acc_tok, term)
             return
-        phi = align_rows(phi, shape, self.shapes[key])
-        src = self._dev(self.M[key] if self.folded else self.phi_v[key])
-        cap.acc_flat = _add_mm(cap.acc_flat, phi.to(src.dtype), src.T)
+        src = self.M[key] if self.folded else self.phi_v[key]
+        self._add_flat(cap, phi_in, align_rows(phi, shape, self.shapes[key]), src,
+                       self._shared.get(key, False))
+
+    def _add_flat(self, cap: _ScoreCapture, phi_in: torch.Tensor, phi: torch.Tensor,
+                  src: torch.Tensor, shared: bool) -> None:
+        """``acc_flat += phi @ src^T`` (``src`` the cache entry, on the host with offload).
+        An entry that several layers read (``shared``: q/k/v of a sequence classifier, a
+        block's first convolution and its downsample) fed the same rows ``phi_in`` as the
+        previous such layer gives the same term: added again, not recomputed (the product
+        is ``B x D_l x K`` multiply-adds, and with offload a copy of the entry)."""
+        last, cap.last_flat = cap.last_flat, None  # held no longer than the next layer
+        if shared and last is not None and last[0] is phi_in and last[1] is src:
+            cap.last_flat = last
+            cap.acc_flat = _add(cap.acc_flat, last[2])
+            return
+        dev = self._dev(src)
+        if not shared:
+            cap.acc_flat = _add_mm(cap.acc_flat, phi.to(dev.dtype), dev.T)
+            return
+        term = phi.to(dev.dtype) @ dev.T
+        cap.last_flat = (phi_in, src, term)
+        cap.acc_flat = _add(cap.acc_flat, term)
 
     @contextmanager
     def capture(self, model: nn.Module, batch: Batch) -> Iterator[_ScoreCapture]:

@@ -77,6 +77,25 @@ def test_offloaded_cache_gives_the_same_values(case):
         assert t.device.type == "cpu"
 
 
+@pytest.mark.parametrize("setup", ["lm tokens", "classifier flat"])
+def test_an_entry_read_by_several_layers_is_read_once_per_step(setup):
+    """q/k/v read one cache entry, per token (an LM) or flattened (a sequence classifier):
+    each distinct entry is fetched once per step, its term computed once and added for
+    each layer (the values stay exact: test_lai_exact, test_lai_sequences)."""
+    if setup == "lm tokens":
+        model, train, val = tiny_lm(), lm_batch(4, 8, 40, 1), lm_batch(3, 8, 40, 2)
+    else:
+        model = PaddedTransformer().eval()
+        train, val = token_batch(6, 9, 30, 3, 1), token_batch(5, 12, 30, 3, 2)
+    est = LAIEstimator(cache="folded", offload=True)
+    with torch.no_grad():
+        est.refresh(model, as_batch(val))
+    n_entries = len({id(t) for t in est.M.values()})
+    assert n_entries < len(est.M)  # q/k/v share
+    _scores(est, model, as_batch(train), steps=2)
+    assert len(est._host._order) == n_entries
+
+
 def test_refresh_relearns_the_order_and_keeps_shared_entries_shared():
     """q/k/v read one cache entry: offloaded, it is still one host tensor; a refresh drops
     the copies in flight and learns the order again."""
