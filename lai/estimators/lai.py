@@ -400,8 +400,8 @@ class LAIEstimator(OnlineEstimator):
     def _add_flat(self, cap: _ScoreCapture, phi_in: torch.Tensor, phi: torch.Tensor,
                   src: torch.Tensor, shared: bool) -> None:
         """``acc_flat += phi @ src^T`` (``src`` the cache entry, on the host with offload).
-        An entry that several layers read (``shared``: q/k/v of a sequence classifier, a
-        block's first convolution and its downsample) fed the same rows ``phi_in`` as the
+        An entry that several layers read (``shared``: q/k/v of a sequence classifier, which
+        :class:`LayerTap` hands one ``phi`` object) fed the same rows ``phi_in`` as the
         previous such layer gives the same term: added again, not recomputed (the product
         is ``B x D_l x K`` multiply-adds, and with offload a copy of the entry)."""
         last, cap.last_flat = cap.last_flat, None  # held no longer than the next layer
