@@ -1,5 +1,8 @@
 """Fast paths for Ghost's forward-mode pass: constants without efficient-zero tangents, and
-lean tangents for train-mode BatchNorm and softmax.
+lean tangents for train-mode BatchNorm and softmax; and fused attention
+(``F.scaled_dot_product_attention``), which has no forward-mode formula, run by PyTorch's
+math backend (:func:`_attention_math`; done with the fast paths switched off too, since a
+model with Hugging Face's default ``sdpa`` attention cannot be scored otherwise).
 
 **Constants.** In forward-mode AD, an operation whose formula reads the tangent of every
 operand gives an operand that has none (a Python number, an attention mask, a dropout mask,
@@ -52,6 +55,9 @@ pass, computes these cases (every other call goes to PyTorch unchanged):
   ``no_grad`` (:func:`_softmax_with_lean_tangent`): PyTorch's formulas recompute the
   exponentials (a dual attention softmax on the CPU: 1.9 ms against 0.26 ms this way).
 
+* **attention** (``F.scaled_dot_product_attention`` with a dual operand): PyTorch's math
+  backend, whose operations then take the paths above (:func:`_attention_math`).
+
 The first four give the values PyTorch gives, bit for bit (tested per case in fp32 and bf16,
 and on BERT with dropout on, GPT-Neo and BERT with frozen norms and biases); the BatchNorm
 and softmax tangents are the same arithmetic in another order, equal to rounding (1e-12
@@ -61,6 +67,7 @@ mode's own cost is one Python call per torch function in the forward (about 2 us
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -94,8 +101,9 @@ _AFFINE = {F.linear: ((2, "bias"),),
            F.instance_norm: ((3, "weight"), (4, "bias"))}
 _SOFTMAX = {F.softmax, torch.softmax, T.softmax}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, T.log_softmax}
+_SDPA = F.scaled_dot_product_attention
 _HANDLED = (_MUL | _RMUL | _ADD | _RADD | _SUB | _DIV | set(_INPLACE) | {F.dropout}
-            | set(_AFFINE) | _SOFTMAX | _LOG_SOFTMAX)
+            | set(_AFFINE) | _SOFTMAX | _LOG_SOFTMAX | {_SDPA})
 
 _NUMBER = (int, float, bool)  # exact types: complex changes the dtype, left to PyTorch
 _SCALAR_OP = [(_MUL | _RMUL, aten.mul.Scalar), (_DIV, aten.div.Scalar),
@@ -305,23 +313,111 @@ def _softmax_with_lean_tangent(func, args: tuple, kwargs: dict):
     return fwAD.make_dual(r, r_t)
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")
+
+
+def _attention_math(mode: "ForwardFastPaths", args: tuple, kwargs: dict):
+    """``F.scaled_dot_product_attention`` with a dual operand, by PyTorch's math backend, or
+    NotImplemented (no operand dual: PyTorch's kernels as usual).
+
+    The fused kernels PyTorch picks (flash attention on the CPU, flash or memory-efficient on
+    CUDA) have no forward-mode formula, so without this every model built with
+    ``attn_implementation="sdpa"`` (Hugging Face's default) fails in Ghost's forward form and
+    in every static estimator built on it. The math backend is the same function (equal to
+    the fused kernels' values to rounding) written with differentiable operations:
+
+    * ``fast=False``: ``aten._scaled_dot_product_attention_math`` itself, through PyTorch's
+      own forward-mode formulas;
+    * ``fast=True``: the same operations in the same order here, with the mode active, so
+      that the scale and the mask are constants of the fast paths and the softmax takes the
+      lean tangent (:func:`_softmax_with_lean_tangent`).
+
+    A boolean mask and ``is_causal`` become an additive ``0 / -inf`` mask, as in
+    ``F.scaled_dot_product_attention``; rows whose scores are all ``-inf`` give zeros
+    (``aten._safe_softmax``). Dropout (``dropout_p > 0``) is ``F.dropout`` of the attention
+    weights, as the math backend draws it."""
+    a = dict(zip(_SDPA_ARGS, args))
+    a.update(kwargs)
+    if len(args) > len(_SDPA_ARGS) or set(a) - set(_SDPA_ARGS):
+        return NotImplemented
+    q, k, v, mask = a.get("query"), a.get("key"), a.get("value"), a.get("attn_mask")
+    tensors = [t for t in (q, k, v, mask) if isinstance(t, torch.Tensor)]
+    if (len(tensors) < 3 or any(t.is_nested for t in tensors)
+            or all(_tangent(t) is None for t in tensors)):
+        return NotImplemented
+    p, causal = float(a.get("dropout_p", 0.0)), bool(a.get("is_causal", False))
+    scale, gqa = a.get("scale"), bool(a.get("enable_gqa", False))
+    if causal and mask is not None:
+        return NotImplemented  # PyTorch's own error
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            mask.logical_not(), float("-inf"))
+    if not mode.fast:
+        return aten._scaled_dot_product_attention_math(q, k, v, mask, p, False, None,
+                                                       scale=scale, enable_gqa=gqa)[0]
+    with mode:  # the mode is off inside its own handler: on again for the operations below
+        return _attention_decomposed(q, k, v, mask, p, scale, gqa)
+
+
+def _attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None, p: float, scale: float | None,
+                          gqa: bool) -> torch.Tensor:
+    """``aten._scaled_dot_product_attention_math``'s operations (``mask`` additive or None):
+    ``q`` and ``k^T`` each scaled by ``sqrt(scale)`` before their product (PyTorch's order,
+    for stability), ``mask`` added, a softmax whose fully masked rows are zero, dropout, the
+    product with ``v``. Grouped-query heads (``gqa``) are repeated as PyTorch repeats them."""
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    factor = math.sqrt(abs(s))
+    if gqa and not (q.shape[-3] == k.shape[-3] == v.shape[-3]):
+        if q.shape[-3] % k.shape[-3] or q.shape[-3] % v.shape[-3]:
+            raise RuntimeError("scaled_dot_product_attention: with enable_gqa the query's "
+                               "heads must be a multiple of the key's and the value's")
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    attn = torch.matmul(q * (factor if s >= 0 else -factor), k.transpose(-2, -1) * factor)
+    dead = None
+    if mask is not None:
+        attn = attn + mask
+        with torch.no_grad():
+            dead = (attn == float("-inf")).all(-1, keepdim=True)
+        # a row of -inf scores would make a NaN softmax, and NaN gradients behind the zeros
+        # put in its place: such rows take the softmax of zeros, then become zeros
+        attn = attn.masked_fill(dead, 0.0)
+    weights = torch.softmax(attn, -1)
+    if dead is not None:
+        weights = weights.masked_fill(dead, 0.0)
+    if p > 0.0:
+        weights = F.dropout(weights, p, training=True)
+    return torch.matmul(weights, v)
+
+
 class ForwardFastPaths(TorchFunctionMode):
     """Active inside an ``fwAD.dual_level``: arithmetic between a dual tensor and a constant
     (a Python number, a tensor without tangent, a frozen affine parameter) and CPU dropout
     computed without efficient-zero tangents, and the tangents of train-mode BatchNorm and
-    softmax computed lean, as the module docstring says. ``handled``: how many calls it
-    computed so far (the rest went to PyTorch unchanged). ``duals``: tensors known to be dual
-    (Ghost's dual parameters), so that checking a layer's trainable bias costs no tangent
-    lookup."""
+    softmax computed lean, as the module docstring says; attention with a dual operand by
+    PyTorch's math backend. ``fast=False``: attention alone (by PyTorch's own composite),
+    everything else left to PyTorch. ``handled``: how many calls it computed so far (the rest
+    went to PyTorch unchanged). ``duals``: tensors known to be dual (Ghost's dual
+    parameters), so that checking a layer's trainable bias costs no tangent lookup."""
 
-    def __init__(self, duals: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, duals: Iterable[torch.Tensor] = (), fast: bool = True) -> None:
         super().__init__()
         self.handled = 0
+        self.fast = bool(fast)
         self._duals = {id(t) for t in duals}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _HANDLED:
+        if func is _SDPA:
+            out = _attention_math(self, args, kwargs)
+            if out is not NotImplemented:
+                self.handled += 1
+                return out
+        elif func in _HANDLED and self.fast:
             if func is F.dropout:
                 out = _cpu_dropout(args, kwargs)
             elif func is F.batch_norm:

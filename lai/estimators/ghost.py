@@ -23,7 +23,9 @@ as autograd otherwise would, one per saved activation until the pass ends). Duri
 :class:`lai.estimators.forward_fastpaths.ForwardFastPaths` computes arithmetic with
 constants, train-mode BatchNorm and softmax without PyTorch's costlier formulas
 (``forward_fastpaths=False`` keeps PyTorch's), and each value is read from the closed-form
-output gradient (:func:`loss_tangent`).
+output gradient (:func:`loss_tangent`). Fused attention (``F.scaled_dot_product_attention``,
+Hugging Face's default ``sdpa``) has no forward-mode formula in PyTorch; during the pass it
+runs by PyTorch's math backend, the same function to rounding, with either setting.
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -302,7 +304,7 @@ class GhostEstimator(OnlineEstimator):
         try:
             with (fwAD.dual_level(), dual_parameters(model, self._tangents) as duals,
                   lean as release,
-                  ForwardFastPaths(duals) if self.forward_fastpaths else nullcontext()):
+                  ForwardFastPaths(duals, fast=self.forward_fastpaths)):
                 try:
                     yield cap
                 except (NotImplementedError, RuntimeError) as e:
@@ -318,10 +320,12 @@ class GhostEstimator(OnlineEstimator):
                             f"and one of them has none: {str(e).splitlines()[0]}{hint}") from e
                     if hint and hasattr(e, "add_note"):  # Python >= 3.11; type kept (OOM)
                         e.add_note(f"ghost: possibly {reason}")
-                    _note_if_from_fastpaths(e)
+                    if self.forward_fastpaths:
+                        _note_if_from_fastpaths(e)
                     raise
                 except Exception as e:  # a TypeError or ValueError from a fast path, too
-                    _note_if_from_fastpaths(e)
+                    if self.forward_fastpaths:
+                        _note_if_from_fastpaths(e)
                     raise
                 if cap.logits is None:
                     raise RuntimeError("no forward ran inside capture()")

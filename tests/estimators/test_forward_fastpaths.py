@@ -431,3 +431,95 @@ def test_loss_tangent_is_forward_ad_through_the_per_sample_loss(task):
     if task.startswith("lm"):
         assert got[2] == 0
     assert torch.equal(loss_tangent(z, None, y), torch.zeros_like(got))
+
+
+def _attention_inputs(case: str, dtype: torch.dtype):
+    """(q, k, v, kwargs for F.scaled_dot_product_attention) for one case: heads 2 (the key's
+    1 with GQA), 5 queries against 6 keys (5 when causal), head width 4."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    s = 5 if case == "causal" else 6
+    q, k, v = r(2, 2, 5, 4), r(2, 1 if case == "gqa" else 2, s, 4), r(2, 1 if case == "gqa"
+                                                                       else 2, s, 4)
+    kwargs = {}
+    if case == "float_mask":
+        kwargs["attn_mask"] = r(2, 1, 5, s)
+    elif case == "bool_mask_dead_row":
+        mask = torch.rand(2, 1, 5, s, generator=g) > 0.3
+        mask[:, :, 0, 0] = True
+        mask[1, :, 2] = False  # a query that may attend nothing: zeros, as PyTorch's math
+        kwargs["attn_mask"] = mask
+    elif case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "gqa":
+        kwargs["enable_gqa"] = True
+    elif case == "scale":
+        kwargs["scale"] = 0.3
+    return q, k, v, kwargs
+
+
+ATTENTION_CASES = ["plain", "float_mask", "bool_mask_dead_row", "causal", "gqa", "scale"]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "pytorch_formulas"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention_with_dual_operands_is_pytorchs_math_backend(case, dtype, fast):
+    """F.scaled_dot_product_attention with dual q/k/v (which PyTorch's fused CPU kernel
+    refuses in forward mode): the primal, tangent and backward gradient of PyTorch's math
+    backend (its forward-mode formulas under ``sdpa_kernel(MATH)``) to rounding, with the
+    fast paths on or off (``fast=False`` handles attention alone)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, kwargs = _attention_inputs(case, dtype)
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    results = []
+    for ours in (False, True):
+        mode = ForwardFastPaths(fast=fast)
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t, tt) for t, tt in zip(leaves, tangents)]
+            with mode if ours else sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(*duals, **kwargs)
+            primal, tangent = (x.clone() for x in fwAD.unpack_dual(out))
+        w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+        grads = torch.autograd.grad((out * w.to(out.dtype)).sum(), leaves)
+        results.append((primal, tangent, grads, mode.handled))
+    (p0, t0, g0, _), (p1, t1, g1, handled) = results
+    assert handled == 1 if not fast else handled > 1  # with fast paths, the inner operations
+    assert torch.isfinite(p0).all() and torch.isfinite(t0).all()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    for a, b in [(p1, p0), (t1, t0), *zip(g1, g0)]:
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    if case == "bool_mask_dead_row":
+        assert p1[1, :, 2].abs().sum() == 0 and t1[1, :, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "pytorch_formulas"])
+def test_attention_dropout_draws_as_the_math_backend(fast):
+    """Attention dropout (``dropout_p > 0``) on the CPU: the same weights dropped as PyTorch's
+    math backend drops from the same seed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, _ = _attention_inputs("plain", torch.float64)
+    out = []
+    for ours in (False, True):
+        torch.manual_seed(11)
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t, torch.ones_like(t)) for t in (q, k, v)]
+            with ForwardFastPaths(fast=fast) if ours else sdpa_kernel(SDPBackend.MATH):
+                res = F.scaled_dot_product_attention(*duals, dropout_p=0.4)
+            out.append([x.clone() for x in fwAD.unpack_dual(res)])
+    (p0, t0), (p1, t1) = out
+    torch.testing.assert_close(p1, p0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t1, t0, rtol=1e-12, atol=1e-12)
+    plain = F.scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(p1, plain)  # dropout did drop
+
+
+def test_attention_without_dual_operand_is_left_to_pytorch():
+    q, k, v, _ = _attention_inputs("plain", torch.float32)
+    with fwAD.dual_level(), ForwardFastPaths() as mode:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert mode.handled == 0
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))

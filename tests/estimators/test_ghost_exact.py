@@ -94,6 +94,53 @@ def test_hf_conv1d_gpt2():
     check(model, token_batch(4, 8, 40, 3, 7), token_batch(3, 8, 40, 3, 8), True)
 
 
+@pytest.mark.parametrize("arch", ["bert_classifier", "gpt2_lm", "llama_lm_gqa"])
+def test_hf_models_with_sdpa_attention(arch):
+    """Hugging Face's default attention (``attn_implementation="sdpa"``): the fused kernels
+    have no forward-mode formula, so Ghost's forward form (and ``pairwise``) run attention
+    by PyTorch's math backend (forward_fastpaths._attention_math); values against torch.func,
+    padding included. Llama's rotary tables are float32 whatever the model's dtype, hence its
+    looser tolerance (the eager model is as far from torch.func)."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "bert_classifier":
+        cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=16,
+                                      max_position_embeddings=32, num_labels=3,
+                                      attn_implementation="sdpa")
+        model = transformers.BertForSequenceClassification(cfg)
+        tr, va = token_batch(4, 8, 40, 3, 3), token_batch(3, 8, 40, 3, 4)
+    elif arch == "gpt2_lm":
+        cfg = transformers.GPT2Config(vocab_size=40, n_embd=8, n_layer=2, n_head=2,
+                                      n_positions=32, attn_implementation="sdpa")
+        model = transformers.GPT2LMHeadModel(cfg)
+        tr, va = lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, max_position_embeddings=32,
+                                       attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM(cfg)
+        tr, va = lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6)
+    model = model.double().eval()
+    assert model.config._attn_implementation == "sdpa"
+    ref, ref_pairs = reference(model, strip(tr), tr["labels"], strip(va), va["labels"], True)
+    tol = 1e-6 if arch == "llama_lm_gqa" else REL
+    from lai.batching import as_batch, forward_logits
+    from lai.estimators.ghost import GhostEstimator
+    out = {}
+    for fast in (True, False):
+        est = GhostEstimator(mode="forward", forward_fastpaths=fast)
+        with torch.no_grad():
+            est.refresh(model, as_batch(va))
+            with est.capture(model, as_batch(tr)) as cap:
+                forward_logits(model, as_batch(tr).inputs)
+        out[fast] = est.score(cap)
+        assert rel_err(out[fast], ref) < tol, fast
+    assert rel_err(out[True], out[False]) < 1e-12
+    pairs = pairwise(model, tr, va, method="ghost")
+    assert rel_err(pairs, ref_pairs) < tol
+
+
 def test_one_pass_training_forward_keeps_its_backward():
     """The dual forward's primal output still back-propagates to the real parameters."""
     from lai.batching import as_batch, forward_logits, per_sample_loss
