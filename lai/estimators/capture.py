@@ -118,6 +118,13 @@ class LayerTap:
     layer's channels-last 4-D input (a convolution's, under ``channels_last``) is then
     flattened in (H, W, C) order, a view instead of a copy, and ``nhwc`` says so.
 
+    ``batch_size``: the batch's B. A linear layer whose input has ``B * T`` rows (``T`` the
+    attention mask's length: OPT's ``fc1``/``fc2`` take the hidden states flattened to
+    ``[B * T, D]``) is handed them as the ``[B, T, D]`` they were, batch-major, i.e. as a token
+    layer; any other input whose leading size is not ``B`` (tokens routed to experts, packed
+    sequences, a sequence-first layout) is a ValueError naming the layer, since its rows
+    cannot be attributed to samples.
+
     With ``output_layer``, that module's output ``s^(L)`` is kept in ``self.output`` so that
     ``d ell / d s^(L)`` can be taken by autograd. Under ``no_grad`` the output is replaced by a
     detached leaf and grad mode is switched on for the (short) rest of the forward, so the
@@ -127,8 +134,9 @@ class LayerTap:
     def __init__(self, model: nn.Module, names: Sequence[str],
                  on_input: Callable[..., None],
                  attention_mask: torch.Tensor | None = None, output_layer: str | None = None,
-                 native_layout: bool = False):
+                 native_layout: bool = False, batch_size: int | None = None):
         self.model = model
+        self.batch_size = batch_size
         self.names = list(names)
         self.on_input = on_input
         self.native_layout = native_layout
@@ -158,6 +166,8 @@ class LayerTap:
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
+            if self.batch_size is not None and (x.dim() == 0 or x.shape[0] != self.batch_size):
+                x = self._per_sample_view(name, x, token_layer)
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
             version = _version_of(x)
@@ -176,6 +186,21 @@ class LayerTap:
                 self.on_input(*args, nhwc) if self.native_layout else self.on_input(*args)
 
         return hook
+
+    def _per_sample_view(self, name: str, x: torch.Tensor, token_layer: bool) -> torch.Tensor:
+        """``x [B * T, ...]`` of a linear layer as ``[B, T, ...]`` (see the class docstring);
+        ValueError for any other leading size."""
+        b = self.batch_size
+        t = self.mask.shape[1] if self.mask is not None and self.mask.dim() == 2 else None
+        if token_layer and t is not None and x.dim() >= 2 and x.shape[0] == b * t:
+            return x.view(b, t, *x.shape[1:])
+        rows = x.shape[0] if x.dim() else 0
+        raise ValueError(
+            f"layer {name!r} received an input with {rows} rows for a batch of {b}"
+            + (f" (and sequences of {t})" if t is not None else "")
+            + ": its rows cannot be attributed to samples (tokens routed to experts, packed "
+            "sequences, a sequence-first layout?); leave it out with estimator.layers "
+            "(a list of module names), or use ghost")
 
     def _mask_like(self, x: torch.Tensor) -> torch.Tensor | None:
         """The attention mask in the dtype ``flatten_rows`` multiplies ``x`` with, converted

@@ -100,9 +100,24 @@ def _hf_conv1d(m: nn.Module, a: torch.Tensor, t: dict) -> torch.Tensor:
     return out + b if b is not None else out
 
 
+_BASE_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+                  nn.Embedding.forward, nn.LayerNorm.forward, nn.GroupNorm.forward,
+                  nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+if hasattr(nn, "RMSNorm"):
+    _BASE_FORWARDS.add(nn.RMSNorm.forward)
+
+
 def probe_for(module: nn.Module) -> Probe | None:
     """The probe of ``module``'s type, or None when its output is not (known to be) linear in
-    its own parameters."""
+    its own parameters. A subclass that overrides ``forward`` has none: the probes rebuild
+    the base class's forward from the module's input, and such a forward may compute
+    something else from it (OPT's learned position embedding takes the attention mask and
+    adds an offset)."""
+    if (isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding,
+                            nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+            or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm))) \
+            and type(module).forward not in _BASE_FORWARDS:
+        return None
     if isinstance(module, nn.Linear):
         return _linear
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -176,6 +191,8 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
     that adds ``<g, probe>`` per sample into ``capture.acc`` during the backward."""
     cap = ProbeCapture(batch.labels)
     cap.batch_size = len(batch)
+    mask = batch.attention_mask
+    seq = mask.shape[1] if mask is not None and mask.dim() == 2 else None
     handles = []
 
     def make_hook(module: nn.Module, probe: Probe):
@@ -189,7 +206,13 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
             a = args[0] if args else next(iter(kwargs.values()))
             b = cap.batch_size
             replaced = None
-            if out.dim() > 0 and out.shape[0] == 1 and b > 1:
+            per_sample = None  # rows per sample when the layer runs on [B * T, ...] rows
+            if (seq is not None and out.dim() > 0 and out.shape[0] == b * seq != b
+                    and isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == b * seq):
+                # hidden states flattened batch-major (OPT's fc1/fc2 and their norm): each
+                # sample's T rows are summed into its value
+                per_sample = seq
+            elif out.dim() > 0 and out.shape[0] == 1 and b > 1:
                 # shared by every sample and broadcast later (position embeddings of
                 # ``position_ids [1, T]``): hand on a batch-sized view so that the gradient
                 # arrives per sample; same values, and ``expand`` back-propagates as the sum
@@ -218,6 +241,8 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                         p = probe(mod, a, names)
                     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
                     term = (g.to(acc_dtype) * p.to(acc_dtype)).sum(dim=tuple(range(1, g.dim())))
+                    if per_sample is not None:
+                        term = term.view(b, per_sample).sum(1)
                     cap.acc = term if cap.acc is None else cap.acc.add_(term)
                     cap.hooks_fired += 1
                     cap.low_precision |= low

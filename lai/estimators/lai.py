@@ -256,7 +256,8 @@ class LAIEstimator(OnlineEstimator):
         with preserved_buffers(model):
             for chunk in chunks(val_batch, self.chunk_size):
                 with LayerTap(model, self._names, keep, chunk.attention_mask,
-                              self._out_name) as tap, self.forward_context():
+                              self._out_name, batch_size=len(chunk)) as tap, \
+                        self.forward_context():
                     forward_logits(model, chunk.inputs)
                 grads.append(output_layer_gradient(tap, chunk.labels))
         g_v = torch.cat(grads)  # [n, T_out, K]
@@ -425,7 +426,8 @@ class LAIEstimator(OnlineEstimator):
         if self._host is not None:
             self._host.begin_step()
         with LayerTap(model, self._names, lambda *a: self._accumulate(cap, *a),
-                      batch.attention_mask, self._out_name, native_layout=True) as tap:
+                      batch.attention_mask, self._out_name, native_layout=True,
+                      batch_size=len(batch)) as tap:
             cap.tap = tap
             yield cap
 

@@ -141,6 +141,28 @@ def test_hf_models_with_sdpa_attention(arch):
     assert rel_err(pairs, ref_pairs) < tol
 
 
+def test_opt_flattened_rows_and_an_overridden_forward():
+    """OPT: fc1/fc2 and their LayerNorm run on ``[B * T, D]`` rows (the probe sums each
+    sample's T rows), and its position embedding subclasses ``nn.Embedding`` with a forward
+    of its own (the attention mask in, an offset added), which has no probe: auto and
+    ``probe_for`` leave it to the forward form; frozen, the probe form covers the rest."""
+    transformers = pytest.importorskip("transformers")
+    from lai.estimators import ghost_probe
+
+    cfg = transformers.OPTConfig(vocab_size=40, hidden_size=8, ffn_dim=16, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=32,
+                                 word_embed_proj_dim=8, bos_token_id=None, eos_token_id=None,
+                                 pad_token_id=0)
+    model = transformers.OPTForCausalLM(cfg).double().eval()
+    positions = model.model.decoder.embed_positions
+    assert ghost_probe.probe_for(positions) is None
+    assert any("embed_positions" in m for m in ghost_probe.probe_plan(model)[1])
+    check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=False)
+    positions.weight.requires_grad_(False)
+    assert ghost_probe.probe_plan(model)[1] == []
+    check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=True)
+
+
 def test_one_pass_training_forward_keeps_its_backward():
     """The dual forward's primal output still back-propagates to the real parameters."""
     from lai.batching import as_batch, forward_logits, per_sample_loss

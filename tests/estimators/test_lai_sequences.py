@@ -35,6 +35,9 @@ def token_pairing_reference(model, tr, va, names):
                                for i in range(len(lab))])
             (g,) = torch.autograd.grad(per.sum(), logits)
         m = batch["attention_mask"]
+        # a layer fed the hidden states flattened to [B * T, D] (OPT's fc1/fc2): per sample
+        feats = {n: f.view(*m.shape, -1) if f.dim() == 2 and f.shape[0] == m.numel() else f
+                 for n, f in feats.items()}
         return {n: f * m[:, :, None] for n, f in feats.items()}, g
 
     with torch.no_grad():
@@ -230,3 +233,43 @@ def test_scoring_an_lm_never_holds_a_whole_vocabulary_sized_gradient():
         if blocks == 4:
             one = cap.acc_tok.numel() * cap.acc_tok.element_size()  # one [B, T, K] tensor
             assert mem.peak_bytes - mem.start_bytes < one
+
+
+def tiny_opt(vocab: int = 40) -> nn.Module:
+    """A random-init HF ``OPTForCausalLM``: its decoder layers run ``fc1``/``fc2`` (and their
+    LayerNorm) on the hidden states flattened to ``[B * T, D]``."""
+    cfg = transformers.OPTConfig(vocab_size=vocab, hidden_size=8, ffn_dim=16,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=32, word_embed_proj_dim=8,
+                                 bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def test_lai_on_layers_fed_flattened_token_rows_opt():
+    """OPT's fc1/fc2 see ``[B * T, D]``: their rows are taken batch-major as each sample's
+    tokens (token pairing, padding masked), against the brute force with the same reading."""
+    model = tiny_opt()
+    tr, va = lm_batch(3, 7, 40, 3), lm_batch(3, 7, 40, 4)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert any(n.endswith("fc1") for n in names)
+    ref = token_pairing_reference(model, tr, va, names)
+    for cache in ("folded", "pairwise"):
+        assert rel_err(value(model, tr, va, method="lai", cache=cache), ref) < REL
+
+
+def test_layer_rows_that_are_not_per_sample_fail_clearly():
+    """A layer whose input's rows are not the batch's (here two views of each sample stacked
+    as [2B, D]) cannot be attributed: a ValueError naming it, not a shape error later."""
+    class TwoViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.enc(torch.cat([x, x.flip(1)]))  # [2B, 5]
+            return self.head(h[: len(x)] + h[len(x):])
+
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="'enc'.*8 rows for a batch of 4"):
+        value(TwoViews(), (x, y), (x, y), method="lai")
+    assert value(TwoViews(), (x, y), (x, y), method="lai", layers=["head"]).shape == (4,)
