@@ -56,7 +56,11 @@ pass, computes these cases (every other call goes to PyTorch unchanged):
   exponentials (a dual attention softmax on the CPU: 1.9 ms against 0.26 ms this way).
 
 * **attention** (``F.scaled_dot_product_attention`` with a dual operand): PyTorch's math
-  backend, whose operations then take the paths above (:func:`_attention_math`).
+  backend, whose operations then take the paths above (:func:`_attention_math`);
+* **an embedding with a padding index** (``F.embedding(..., padding_idx=...)`` of a dual
+  weight): the tangent is zero where the index is the padding index, as the gradient is
+  (:func:`_embedding_without_padding_tangent`; also with the fast paths switched off, since
+  PyTorch's formula differs from its own gradient there).
 
 The first four give the values PyTorch gives, bit for bit (tested per case in fp32 and bf16,
 and on BERT with dropout on, GPT-Neo and BERT with frozen norms and biases); the BatchNorm
@@ -104,6 +108,8 @@ _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, T.log_softmax}
 _SDPA = F.scaled_dot_product_attention
 _HANDLED = (_MUL | _RMUL | _ADD | _RADD | _SUB | _DIV | set(_INPLACE) | {F.dropout}
             | set(_AFFINE) | _SOFTMAX | _LOG_SOFTMAX | {_SDPA})
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
 
 _NUMBER = (int, float, bool)  # exact types: complex changes the dtype, left to PyTorch
 _SCALAR_OP = [(_MUL | _RMUL, aten.mul.Scalar), (_DIV, aten.div.Scalar),
@@ -394,13 +400,39 @@ def _attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(weights, v)
 
 
+def _embedding_without_padding_tangent(args: tuple, kwargs: dict):
+    """``F.embedding`` of a dual weight with a ``padding_idx``: the primal as PyTorch computes
+    it, the tangent zero wherever the index is ``padding_idx``; or NotImplemented.
+
+    PyTorch's backward gives the padding row no gradient from the lookup, but its forward-mode
+    formula (``auto_linear``) looks the tangent up like any row. When that row has a nonzero
+    tangent (a weight tied to an output layer, whose gradient reaches every row) and a
+    padding id feeds a position that matters, forward mode would differentiate a use of the
+    row that the gradient, and so ``<g_V, grad ell_j>``, leaves out."""
+    a = dict(zip(_EMBEDDING_ARGS, args))
+    a.update(kwargs)
+    ids, w, pad = a.get("input"), a.get("weight"), a.get("padding_idx")
+    if (pad is None or a.get("max_norm") is not None or len(args) > len(_EMBEDDING_ARGS)
+            or set(a) - set(_EMBEDDING_ARGS) or not isinstance(w, torch.Tensor)
+            or not isinstance(ids, torch.Tensor)):
+        return NotImplemented
+    p, t = _primal_and_tangent(w)
+    if t is None or _tangent(ids) is not None:
+        return NotImplemented
+    pad = pad + w.shape[0] if pad < 0 else pad
+    rest = {k: v for k, v in a.items() if k not in ("input", "weight")}
+    out = F.embedding(ids, p, **rest)
+    tangent = F.embedding(ids, t, **rest).masked_fill_((ids == pad).unsqueeze(-1), 0)
+    return fwAD.make_dual(out, tangent)
+
+
 class ForwardFastPaths(TorchFunctionMode):
     """Active inside an ``fwAD.dual_level``: arithmetic between a dual tensor and a constant
     (a Python number, a tensor without tangent, a frozen affine parameter) and CPU dropout
     computed without efficient-zero tangents, and the tangents of train-mode BatchNorm and
     softmax computed lean, as the module docstring says; attention with a dual operand by
-    PyTorch's math backend. ``fast=False``: attention alone (by PyTorch's own composite),
-    everything else left to PyTorch. ``handled``: how many calls it computed so far (the rest
+    PyTorch's math backend, and embeddings' padding rows without tangent. ``fast=False``:
+    those two alone (attention by PyTorch's own composite), everything else left to PyTorch. ``handled``: how many calls it computed so far (the rest
     went to PyTorch unchanged). ``duals``: tensors known to be dual (Ghost's dual
     parameters), so that checking a layer's trainable bias costs no tangent lookup."""
 
@@ -412,8 +444,9 @@ class ForwardFastPaths(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA:
-            out = _attention_math(self, args, kwargs)
+        if func is _SDPA or func is F.embedding:
+            out = (_attention_math(self, args, kwargs) if func is _SDPA
+                   else _embedding_without_padding_tangent(args, kwargs))
             if out is not NotImplemented:
                 self.handled += 1
                 return out

@@ -68,7 +68,10 @@ def _conv(m: nn.modules.conv._ConvNd, a: torch.Tensor, t: dict) -> torch.Tensor:
 
 
 def _embedding(m: nn.Embedding, ids: torch.Tensor, t: dict) -> torch.Tensor:
-    return F.embedding(ids, t["weight"], m.padding_idx)
+    out = F.embedding(ids, t["weight"], m.padding_idx)
+    if m.padding_idx is not None:  # the lookup gives the padding row no gradient
+        out = out.masked_fill((ids == m.padding_idx).unsqueeze(-1), 0)
+    return out
 
 
 def _layer_norm(m: nn.LayerNorm, a: torch.Tensor, t: dict) -> torch.Tensor:

@@ -523,3 +523,35 @@ def test_attention_without_dual_operand_is_left_to_pytorch():
         out = F.scaled_dot_product_attention(q, k, v)
     assert mode.handled == 0
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "pytorch_formulas"])
+@pytest.mark.parametrize("padding_idx", [2, -3])
+def test_embedding_padding_row_has_no_tangent(padding_idx, fast):
+    """F.embedding of a dual weight with a padding index: PyTorch's primal and backward
+    gradient bit for bit, the tangent PyTorch's except zero where the index is the padding
+    index (the row PyTorch's gradient leaves out); without a padding index, left alone."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    tw = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 7], [7, 7, 2]])
+    pad = padding_idx % 10
+    results = []
+    for ours in (False, True):
+        mode = ForwardFastPaths(fast=fast)
+        with fwAD.dual_level():
+            with mode if ours else _Off():
+                out = F.embedding(ids, fwAD.make_dual(w0, tw), padding_idx)
+            primal, tangent = (v.clone() for v in fwAD.unpack_dual(out))
+        wgt = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+        (grad,) = torch.autograd.grad((out * wgt).sum(), w0)
+        results.append((primal, tangent, grad, mode.handled))
+    (p0, t0, g0, _), (p1, t1, g1, handled) = results
+    assert handled == 1
+    assert torch.equal(p0, p1) and torch.equal(g0, g1)
+    at_pad = ids == pad
+    assert t1[at_pad].abs().sum() == 0 and t0[at_pad].abs().sum() > 0
+    assert torch.equal(t1[~at_pad], t0[~at_pad])
+    with fwAD.dual_level(), ForwardFastPaths(fast=fast) as mode:
+        F.embedding(ids, fwAD.make_dual(w0, tw))
+    assert mode.handled == 0

@@ -163,6 +163,28 @@ def test_opt_flattened_rows_and_an_overridden_forward():
     check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=True)
 
 
+def test_tied_embedding_with_padding_index_used_as_a_token():
+    """An embedding with ``padding_idx`` tied to the output layer, the padding id read at
+    positions that count: PyTorch's gradient leaves the lookup of the padding row out (its
+    forward-mode formula would not), so Ghost's forward form and probe form must too."""
+    class TiedBag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(12, 6, padding_idx=0)
+            self.head = torch.nn.Linear(6, 12, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids).mean(1)))
+
+    g = torch.Generator().manual_seed(0)
+    model = TiedBag().double()
+    ids, ids_v = torch.randint(0, 12, (6, 5), generator=g), torch.randint(0, 12, (4, 5), generator=g)
+    ids[:, 0], ids_v[:, 0] = 0, 0  # the padding id in every sample
+    check(model, (ids, torch.randint(0, 12, (6,), generator=g)),
+          (ids_v, torch.randint(0, 12, (4,), generator=g)), False)
+
+
 def test_one_pass_training_forward_keeps_its_backward():
     """The dual forward's primal output still back-propagates to the real parameters."""
     from lai.batching import as_batch, forward_logits, per_sample_loss
