@@ -135,13 +135,18 @@ class _NullRecorder:
 
 
 SIZES = ("tiny", "small", "full")
+ATTENTIONS = ("sdpa", "eager")
 DEFAULT_METHODS = ("vanilla", "lai", "lli", "ghost", "ghost/forward", "ghost/probe",
                    "ghost/2pass", "lai+filter", "lai+filter/2pass")
 SETUPS = ("resnet18", "bert", "gpt_neo")
 
 
-def make_setup(name: str, size: str, batch: int | None):
+def make_setup(name: str, size: str, batch: int | None, attention: str = "sdpa"):
     """(model, bundle, batch size, |V|) for one setup; data is random but correctly shaped.
+
+    ``attention``: BERT's ``attn_implementation``, ``sdpa`` (Hugging Face's default: fused
+    kernels, the fast plain loop; Ghost's forward form runs it by the math backend) or
+    ``eager``. GPT-Neo has eager attention only.
 
     ``size`` picks the transformers' configs (ResNet-18 is always the real network):
     ``tiny`` (2 layers, width 32, sequence 64, byte-sized vocabulary: the CPU default, seconds),
@@ -152,6 +157,8 @@ def make_setup(name: str, size: str, batch: int | None):
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     g = torch.Generator().manual_seed(0)
     if name == "resnet18":
         from lai.data.vision import CifarPreprocess
@@ -189,7 +196,7 @@ def make_setup(name: str, size: str, batch: int | None):
         extra = dict(hidden_size=shape[0], num_hidden_layers=shape[1],
                      num_attention_heads=shape[2], intermediate_size=shape[3])
         cfg = transformers.BertConfig(vocab_size=vocab, num_labels=20,
-                                      attn_implementation="eager", **extra)
+                                      attn_implementation=attention, **extra)
         model = transformers.BertForSequenceClassification(cfg)
         y, yv = (torch.randint(0, 20, (n,), generator=g), torch.randint(0, 20, (nv,), generator=g))
         task, classes = "classification", 20
@@ -220,6 +227,8 @@ def describe_model(model: torch.nn.Module) -> dict:
         for key in ("hidden_size", "num_hidden_layers", "num_layers", "vocab_size"):
             if getattr(cfg, key, None) is not None:
                 out[key] = getattr(cfg, key)
+        if getattr(cfg, "_attn_implementation", None) is not None:
+            out["attn_implementation"] = cfg._attn_implementation
     return out
 
 
@@ -259,9 +268,9 @@ class MethodBench:
     already on the device (warm-up steps run by :meth:`warm`)."""
 
     def __init__(self, setup: str, method: str, device: torch.device, size: str,
-                 batch: int | None, speed: dict, warmup: int):
+                 batch: int | None, speed: dict, warmup: int, attention: str = "sdpa"):
         torch.manual_seed(0)
-        model, data, b, n_val = make_setup(setup, size, batch)
+        model, data, b, n_val = make_setup(setup, size, batch, attention)
         self.device, self.b, self.n_val = device, b, n_val
         self.model = model.to(device)
         est_name = method.split("+")[0].split("/")[0]
@@ -392,7 +401,7 @@ class MethodBench:
 
 def bench_setup(setup: str, methods: list[str], device: torch.device, size: str, steps: int,
                 warmup: int, batch: int | None, speed: dict, block: int = 4,
-                min_seconds: float = 0.0) -> dict[str, dict]:
+                min_seconds: float = 0.0, attention: str = "sdpa") -> dict[str, dict]:
     """Measurements of every method on one setup.
 
     Memory, FLOPs, kernels and refresh time: each method alone in the process (built, measured,
@@ -406,13 +415,14 @@ def bench_setup(setup: str, methods: list[str], device: torch.device, size: str,
         raise ValueError("every ratio is to vanilla: include it in methods")
     rows = {}
     for m in methods:
-        bench = MethodBench(setup, m, device, size, batch, speed, warmup)
+        bench = MethodBench(setup, m, device, size, batch, speed, warmup, attention)
         rows[m] = bench.measure()
         rows[m]["model"] = describe_model(bench.model)
         del bench
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    benches = {m: MethodBench(setup, m, device, size, batch, speed, warmup) for m in methods}
+    benches = {m: MethodBench(setup, m, device, size, batch, speed, warmup, attention)
+               for m in methods}
     for m in methods:  # one untimed round: the first block after the others were built is slow
         benches[m].time_block(block)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -453,6 +463,8 @@ def main() -> None:
                     help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
+    ap.add_argument("--attention", default="sdpa", choices=ATTENTIONS,
+                    help="BERT's attn_implementation (GPT-Neo has eager only)")
     ap.add_argument("--methods", default=None,
                     help=f"default: {','.join(DEFAULT_METHODS)}, and lai/offload on CUDA")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
@@ -486,13 +498,15 @@ def main() -> None:
               "torch": torch.__version__, "python": platform.python_version(),
               "size": size, "steps": steps, "min_seconds": args.min_seconds,
               "block": args.block, "warmup": args.warmup,
-              "speed": {**speed, "cudnn_benchmark": device.type == "cuda"}, "setups": {}}
+              "speed": {**speed, "cudnn_benchmark": device.type == "cuda"},
+              "attention": args.attention, "setups": {}}
     try:
         import transformers
         report["transformers"] = transformers.__version__
     except ImportError:
         pass
-    print(f"device: {report['device']}  torch {torch.__version__}  speed: {report['speed']}")
+    print(f"device: {report['device']}  torch {torch.__version__}  speed: {report['speed']}  "
+          f"attention: {args.attention}")
     header = ("| setup | method | step ms | ratio | GFLOP | GFLOP ratio | peak MiB | mem ratio "
               "| refresh ms | refresh/step | step+refresh ratio | ops | syncs | GPU busy ms "
               "| GPU busy ratio |")
@@ -507,7 +521,7 @@ def main() -> None:
     for setup in setups:
         try:
             rows = bench_setup(setup, methods, device, size, steps, args.warmup, args.batch,
-                               speed, args.block, args.min_seconds)
+                               speed, args.block, args.min_seconds, args.attention)
         except Exception:  # noqa: BLE001 -- one broken setup must not cost the others' rows
             traceback.print_exc()
             failed.append(setup)

@@ -71,6 +71,13 @@ def test_bench_sizes_build_the_named_models():
 
     with pytest.raises(ValueError, match="size must be one of"):
         bench.make_setup("bert", "huge", None)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        bench.make_setup("bert", "tiny", None, attention="flash")
+    for attention in ("sdpa", "eager"):  # BERT as asked; GPT-Neo has eager attention only
+        bert = bench.make_setup("bert", "tiny", None, attention)[0]
+        assert bench.describe_model(bert)["attn_implementation"] == attention
+        neo = bench.make_setup("gpt_neo", "tiny", None, attention)[0]
+        assert bench.describe_model(neo)["attn_implementation"] == "eager"
     with pytest.raises(ValueError, match="unknown setup"):
         bench.make_setup("t5", "tiny", None)
 
