@@ -51,6 +51,9 @@ class ModelConfig:
     num_layers: Optional[int] = None  # pretrained BERT: keep only the first k encoder layers
     dropout: float = 0.0
     num_classes: Optional[int] = None  # optional check: must equal the dataset's class count
+    # bert: attn_implementation, eager | sdpa (fused kernels; every estimator handles both);
+    # gpt_neo has eager attention only
+    attention: str = "eager"
 
 
 @dataclass
@@ -196,6 +199,7 @@ _CHOICES = {
     "logger.name": ("jsonl", "wandb"),
     "dataset.val_source": ("holdout", "split"),
     "trainer.precision": ("fp32", "bf16"),
+    "model.attention": ("eager", "sdpa"),
 }
 
 

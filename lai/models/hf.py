@@ -51,11 +51,21 @@ def resolve_source(cfg: Any, allowed: tuple[str, ...]) -> tuple[str, str | None]
     return preset, None
 
 
-def _from_pretrained(model_cls: type, name_or_path: str, local_only: bool, **kwargs: Any) -> nn.Module:
-    """``model_cls.from_pretrained`` with eager attention and a clear error when it fails."""
+def _attention(cfg: Any) -> str:
+    """``cfg.attention`` (``eager`` | ``sdpa``; eager when unset), checked."""
+    attention = getattr(cfg, "attention", None) or "eager"
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"model.attention must be eager or sdpa, got {attention!r}")
+    return attention
+
+
+def _from_pretrained(model_cls: type, name_or_path: str, local_only: bool,
+                     attention: str = "eager", **kwargs: Any) -> nn.Module:
+    """``model_cls.from_pretrained`` with the given attention and a clear error when it
+    fails."""
     try:
         return model_cls.from_pretrained(
-            name_or_path, local_files_only=local_only, attn_implementation="eager", **kwargs
+            name_or_path, local_files_only=local_only, attn_implementation=attention, **kwargs
         )
     except Exception as err:  # OSError / ValueError / HTTP errors all mean "cannot load it"
         if ("size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err)) \
@@ -88,6 +98,9 @@ def bert(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
          pad_token_id: int | None = None) -> nn.Module:
     """``BertForSequenceClassification``; logits ``[B, num_classes]``, head ``classifier``.
 
+    Attention: ``cfg.attention`` (``eager``, the default, or ``sdpa``: PyTorch's fused
+    kernels, which Ghost's forward form runs by the math backend).
+
     Tiny preset: hidden 32, 2 layers, 2 heads, random init, vocabulary = the tokenizer's,
     dropout = ``cfg.dropout``, ``pad_token_id`` = the tokenizer's. Pretrained models keep
     their own dropout and pad id (BERT's pad id only matters for the embedding init); the
@@ -107,7 +120,7 @@ def bert(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
             max_position_embeddings=s["max_positions"], hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout, num_labels=num_classes,
             pad_token_id=0 if pad_token_id is None else pad_token_id,
-            attn_implementation="eager",
+            attn_implementation=_attention(cfg),
         )
         return BertForSequenceClassification(config)
     # num_layers keeps the first k pretrained encoder layers (from_pretrained drops the
@@ -115,7 +128,7 @@ def bert(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
     layers = getattr(cfg, "num_layers", None)
     depth = {} if layers is None else {"num_hidden_layers": int(layers)}
     model = _from_pretrained(BertForSequenceClassification, path, local_only=source == "minilm",
-                             num_labels=num_classes, **depth)
+                             attention=_attention(cfg), num_labels=num_classes, **depth)
     _fit_vocab(model, vocab_size)
     return model
 
@@ -134,6 +147,9 @@ def gpt_neo(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoForSequenceClassification
 
     _check_task("gpt_neo", task, ("classification", "lm"))
+    if _attention(cfg) != "eager":
+        raise ValueError("model gpt_neo has eager attention only (transformers implements no "
+                         "sdpa for GPT-Neo): leave model.attention=eager")
     model_cls = GPTNeoForCausalLM if task == "lm" else GPTNeoForSequenceClassification
     extra = {} if task == "lm" else {"num_labels": num_classes}
     source, path = resolve_source(cfg, ("tiny",))

@@ -51,6 +51,22 @@ def test_bert_tiny(text_batch):
     assert output_layer_name(model) == "classifier"
 
 
+def test_bert_attention_option(text_batch):
+    """``model.attention=sdpa``: BERT with PyTorch's fused attention, the same logits as eager
+    to rounding; GPT-Neo (eager only) and unknown values refused."""
+    torch.manual_seed(0)
+    eager = _text_model("bert", preset="tiny").eval()
+    sdpa = _text_model("bert", preset="tiny", attention="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(forward_logits(sdpa, dict(text_batch)),
+                               forward_logits(eager, dict(text_batch)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eager attention only"):
+        _text_model("gpt_neo", preset="tiny", attention="sdpa")
+    with pytest.raises(ValueError, match="eager or sdpa"):
+        _text_model("bert", preset="tiny", attention="flash")
+
+
 def test_gpt_neo_tiny_classification(text_batch):
     torch.manual_seed(0)
     model = _text_model("gpt_neo", preset="tiny").eval()
