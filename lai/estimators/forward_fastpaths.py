@@ -57,6 +57,9 @@ pass, computes these cases (every other call goes to PyTorch unchanged):
 
 * **attention** (``F.scaled_dot_product_attention`` with a dual operand): PyTorch's math
   backend, whose operations then take the paths above (:func:`_attention_math`);
+* **``nn.MultiheadAttention`` without weights** (``F.multi_head_attention_forward``, which
+  calls fused attention out of the mode's sight): computed with its weights, which are
+  dropped (:func:`_attention_with_weights`; also with the fast paths off);
 * **an embedding with a padding index** (``F.embedding(..., padding_idx=...)`` of a dual
   weight): the tangent is zero where the index is the padding index, as the gradient is
   (:func:`_embedding_without_padding_tangent`; also with the fast paths switched off, since
@@ -110,6 +113,8 @@ _HANDLED = (_MUL | _RMUL | _ADD | _RADD | _SUB | _DIV | set(_INPLACE) | {F.dropo
             | set(_AFFINE) | _SOFTMAX | _LOG_SOFTMAX | {_SDPA})
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
                    "scale_grad_by_freq", "sparse")
+_MHA = F.multi_head_attention_forward
+_MHA_NEED_WEIGHTS = 15  # need_weights' position in F.multi_head_attention_forward
 
 _NUMBER = (int, float, bool)  # exact types: complex changes the dtype, left to PyTorch
 _SCALAR_OP = [(_MUL | _RMUL, aten.mul.Scalar), (_DIV, aten.div.Scalar),
@@ -426,13 +431,37 @@ def _embedding_without_padding_tangent(args: tuple, kwargs: dict):
     return fwAD.make_dual(out, tangent)
 
 
+def _attention_with_weights(args: tuple, kwargs: dict):
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, torchvision's ViT,
+    ``nn.TransformerEncoderLayer``) asked for no weights, with a dual operand: asked for them
+    instead, and the weights dropped; or NotImplemented.
+
+    Without weights it calls the fused ``scaled_dot_product_attention`` from inside itself,
+    out of this mode's sight (a mode is off while it handles a call), and the fused kernels
+    have no forward-mode formula; with weights it computes the same attention explicitly
+    (``bmm``, softmax, dropout, ``bmm``): the same output to rounding, and its averaged
+    weights cost one reduction more."""
+    need = (args[_MHA_NEED_WEIGHTS] if len(args) > _MHA_NEED_WEIGHTS
+            else kwargs.get("need_weights", True))
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    if need or all(_tangent(t) is None for t in tensors):
+        return NotImplemented
+    if len(args) > _MHA_NEED_WEIGHTS:
+        args = args[:_MHA_NEED_WEIGHTS] + (True,) + args[_MHA_NEED_WEIGHTS + 1:]
+    else:
+        kwargs = {**kwargs, "need_weights": True}
+    out, _ = _MHA(*args, **kwargs)
+    return out, None
+
+
 class ForwardFastPaths(TorchFunctionMode):
     """Active inside an ``fwAD.dual_level``: arithmetic between a dual tensor and a constant
     (a Python number, a tensor without tangent, a frozen affine parameter) and CPU dropout
     computed without efficient-zero tangents, and the tangents of train-mode BatchNorm and
     softmax computed lean, as the module docstring says; attention with a dual operand by
-    PyTorch's math backend, and embeddings' padding rows without tangent. ``fast=False``:
-    those two alone (attention by PyTorch's own composite), everything else left to PyTorch. ``handled``: how many calls it computed so far (the rest
+    PyTorch's math backend (``nn.MultiheadAttention``'s by its explicit path), and embeddings'
+    padding rows without tangent. ``fast=False``: those alone (attention by PyTorch's own
+    composite), everything else left to PyTorch. ``handled``: how many calls it computed so far (the rest
     went to PyTorch unchanged). ``duals``: tensors known to be dual (Ghost's dual
     parameters), so that checking a layer's trainable bias costs no tangent lookup."""
 
@@ -444,8 +473,9 @@ class ForwardFastPaths(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA or func is F.embedding:
+        if func is _SDPA or func is F.embedding or func is _MHA:
             out = (_attention_math(self, args, kwargs) if func is _SDPA
+                   else _attention_with_weights(args, kwargs) if func is _MHA
                    else _embedding_without_padding_tangent(args, kwargs))
             if out is not NotImplemented:
                 self.handled += 1

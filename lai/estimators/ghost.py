@@ -45,6 +45,7 @@ Two forms (``mode``), equal values wherever both apply (tested against ``torch.f
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator
 
@@ -217,6 +218,7 @@ class GhostEstimator(OnlineEstimator):
         self.active_mode = "probe" if mode == "probe" else "forward"
         self._probe_plan: list | None = None
         self._coverage_checked = False
+        self._probe_tried = False  # the probe form was tried on validation rows (refresh)
         self._release_checked = False
 
     @property
@@ -232,6 +234,7 @@ class GhostEstimator(OnlineEstimator):
         filtering or reweighting), which only the forward form can give. ``mode="probe"``
         with such a policy, or on a model it cannot probe, is a ValueError."""
         self._probe_plan = None
+        self._probe_tried = False
         if self.mode == "forward":
             self.active_mode = "forward"
         elif self.mode == "probe":
@@ -277,6 +280,28 @@ class GhostEstimator(OnlineEstimator):
             g_v = self.direction(g_v)
         self._params = params
         self._tangents = {id(p): g for p, g in zip(params, g_v)}
+        if self.active_mode == "probe" and not self._probe_tried:
+            self._probe_tried = True
+            self._try_probe(model, val_batch)
+
+    def _try_probe(self, model: nn.Module, val_batch: Batch) -> None:
+        """Run the probe form once on a few validation rows (a forward, a backward and the
+        sum-rule check) before training relies on it. The plan sees module types only; a
+        model can still defeat the probe at run time (a probed module whose output is not
+        per sample, as MPNet's relative-position embedding ``[T, T, H]``; a shared output
+        the model reshapes, as DeBERTa's relative embeddings). ``auto`` then falls back to
+        the forward form with a warning; ``mode="probe"`` raises a ValueError."""
+        rows = val_batch.select(torch.arange(min(len(val_batch), 8)))
+        try:
+            self.probe_values(model, rows)
+        except Exception as e:  # noqa: BLE001 -- any failure means: not this form
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if self.mode == "probe":
+                raise ValueError(f"ghost mode=probe does not fit this model ({first}); use "
+                                 "ghost_mode=forward or auto") from e
+            warnings.warn(f"ghost: the probe form does not fit this model ({first}); using "
+                          "the forward form", stacklevel=2)
+            self.active_mode, self._probe_plan = "forward", None
 
     def capture(self, model: nn.Module, batch: Batch):
         """Hooks for the training forward of ``batch``: the forward-mode pass, or (probe form)

@@ -163,6 +163,29 @@ def test_opt_flattened_rows_and_an_overridden_forward():
     check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=True)
 
 
+def test_torch_multihead_attention_without_weights():
+    """``nn.TransformerEncoder`` (``nn.MultiheadAttention`` called with ``need_weights=False``,
+    as torchvision's ViT calls it): its fused attention runs outside the fast paths' sight,
+    so the forward form asks for the weights (the explicit path) and drops them."""
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(5, 8)
+            layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    model = Encoder().double().eval()
+    check(model, (torch.randn(5, 6, 5, generator=g, dtype=torch.float64),
+                  torch.randint(0, 3, (5,), generator=g)),
+          (torch.randn(3, 6, 5, generator=g, dtype=torch.float64),
+           torch.randint(0, 3, (3,), generator=g)), False, probe=False)
+
+
 def test_tied_embedding_with_padding_index_used_as_a_token():
     """An embedding with ``padding_idx`` tied to the output layer, the padding id read at
     positions that count: PyTorch's gradient leaves the lookup of the padding row out (its

@@ -115,8 +115,24 @@ def test_a_weight_used_outside_its_module_is_caught_by_the_sum_rule():
             return torch.tanh(self.mix(self.emb(ids).mean(1))) @ self.emb.weight[:4].T
 
     ids, ids_v = torch.randint(0, 20, (5, 7)), torch.randint(0, 20, (3, 7))
-    with pytest.raises(RuntimeError, match="outside the forward"):
-        probe(TiedByHand(), (ids, torch.randint(0, 4, (5,))), (ids_v, torch.randint(0, 4, (3,))))
+    train, val = (ids, torch.randint(0, 4, (5,))), (ids_v, torch.randint(0, 4, (3,)))
+    # mode=probe: tried on validation rows at the first refresh, refused before any step
+    with pytest.raises(ValueError, match="does not fit this model.*outside the forward"):
+        probe(TiedByHand(), train, val)
+    # auto: the plan (module types) says probe; the trial says no; the forward form it is
+    model = TiedByHand()
+    est = GhostEstimator(mode="auto")
+    assert est.plan(model, values_before_backward=False) == "probe"
+    with pytest.warns(UserWarning, match="probe form does not fit"):
+        est.refresh(model, as_batch(val))
+    assert est.active_mode == "forward" and not est.scores_after_backward
+    from lai.batching import forward_logits
+
+    with torch.no_grad(), est.capture(model, as_batch(train)) as cap:
+        forward_logits(model, as_batch(train).inputs)
+    assert rel_err(est.score(cap), value(model, train, val, method="ghost")) < REL
+    est.refresh(model, as_batch(val))  # tried once: no second warning, still forward
+    assert est.active_mode == "forward"
 
 
 def test_steps_do_not_keep_their_graphs_alive():
