@@ -106,6 +106,7 @@ sys.path.insert(0, str(ROOT))
 from lai.config import EstimatorConfig, TrainerConfig  # noqa: E402
 from lai.data.base import DataBundle, TensorSplit  # noqa: E402
 from lai.estimators.registry import build_estimator  # noqa: E402
+from lai.models.hf import ATTENTIONS  # noqa: E402
 from lai.policies import build_policy  # noqa: E402
 from lai.train.loop import EpochStats, Trainer  # noqa: E402
 from lai.train.memory import PeakTensorMemory  # noqa: E402
@@ -135,7 +136,6 @@ class _NullRecorder:
 
 
 SIZES = ("tiny", "small", "full")
-ATTENTIONS = ("sdpa", "eager")
 DEFAULT_METHODS = ("vanilla", "lai", "lli", "ghost", "ghost/forward", "ghost/probe",
                    "ghost/2pass", "lai+filter", "lai+filter/2pass")
 SETUPS = ("resnet18", "bert", "gpt_neo")

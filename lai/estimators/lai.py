@@ -137,8 +137,8 @@ class _ScoreCapture:
         self.acc_tok: torch.Tensor | None = None   # folded [B,T,K] | pairwise [B,|V|,T,T']
         self.acc_flat: torch.Tensor | None = None  # folded [B,T'K] | pairwise [B,|V|]
         self.tap: LayerTap | None = None
-        self.last_term: tuple | None = None  # token term of the last layer (phi, src, term)
-        self.last_flat: tuple | None = None  # flat term of the last shared entry (same)
+        # the last layer's term when its cache entry is shared (phi, src, term): q/k/v
+        self.last_term: tuple | None = None
         # folded token terms left for score(), gradient side first:
         # [phi [B, T, D], M [K, D], how many layers read them, the hook's phi]
         self.deferred: list[list] = []
@@ -156,6 +156,20 @@ def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     if acc is term:
         return acc + term
     return acc.add_(term)
+
+
+def _repeated_term(cap: _ScoreCapture, phi_in: torch.Tensor,
+                   src: torch.Tensor) -> torch.Tensor | None:
+    """The previous layer's term when this layer reads the same rows ``phi_in`` (the same
+    object: :class:`LayerTap` hands consecutive layers fed one tensor, q/k/v, one ``phi``)
+    against the same cache entry ``src``: the same term, to be added again instead of
+    recomputed; else None. The slot is emptied either way unless it matched, so no term or
+    layer input is held beyond the next layer."""
+    last, cap.last_term = cap.last_term, None
+    if last is not None and last[0] is phi_in and last[1] is src:
+        cap.last_term = last
+        return last[2]
+    return None
 
 
 def _add_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -369,12 +383,9 @@ class LAIEstimator(OnlineEstimator):
         if self.token[key]:
             phi = phi.view(b, shape[0], -1)
             src = self.M[key] if self.folded else self.phi_v[key]
-            last, cap.last_term = cap.last_term, None  # held no longer than the next layer
-            if last is not None and last[0] is phi_in and last[1] is src:
-                # same rows, same cache tensor (q/k/v of one attention block): the same
-                # term, added again instead of recomputed (the product is B T K D_l)
-                cap.last_term = last
-                cap.acc_tok = _add(cap.acc_tok, last[2])
+            again = _repeated_term(cap, phi_in, src)
+            if again is not None:  # the product is B T K D_l
+                cap.acc_tok = _add(cap.acc_tok, again)
                 return
             if self._defer_tokens:  # folded, contracted in score(): see refresh()
                 last = cap.deferred[-1] if cap.deferred else None
@@ -405,17 +416,16 @@ class LAIEstimator(OnlineEstimator):
         :class:`LayerTap` hands one ``phi`` object) fed the same rows ``phi_in`` as the
         previous such layer gives the same term: added again, not recomputed (the product
         is ``B x D_l x K`` multiply-adds, and with offload a copy of the entry)."""
-        last, cap.last_flat = cap.last_flat, None  # held no longer than the next layer
-        if shared and last is not None and last[0] is phi_in and last[1] is src:
-            cap.last_flat = last
-            cap.acc_flat = _add(cap.acc_flat, last[2])
+        again = _repeated_term(cap, phi_in, src)
+        if again is not None:
+            cap.acc_flat = _add(cap.acc_flat, again)
             return
         dev = self._dev(src)
         if not shared:
             cap.acc_flat = _add_mm(cap.acc_flat, phi.to(dev.dtype), dev.T)
             return
         term = phi.to(dev.dtype) @ dev.T
-        cap.last_flat = (phi_in, src, term)
+        cap.last_term = (phi_in, src, term)
         cap.acc_flat = _add(cap.acc_flat, term)
 
     @contextmanager

@@ -51,10 +51,13 @@ def resolve_source(cfg: Any, allowed: tuple[str, ...]) -> tuple[str, str | None]
     return preset, None
 
 
+ATTENTIONS = ("eager", "sdpa")  # attn_implementation values the builders take
+
+
 def _attention(cfg: Any) -> str:
     """``cfg.attention`` (``eager`` | ``sdpa``; eager when unset), checked."""
     attention = getattr(cfg, "attention", None) or "eager"
-    if attention not in ("eager", "sdpa"):
+    if attention not in ATTENTIONS:
         raise ValueError(f"model.attention must be eager or sdpa, got {attention!r}")
     return attention
 
