@@ -64,7 +64,9 @@ def per_sample_gradient_chunks(
     ``loss_fn(logits [1, ...], labels [1, ...]) -> scalar`` is evaluated on one sample (batch
     dimension of one). Uses ``torch.func`` (``functional_call`` + ``vmap(grad(...))``); if vmap
     raises (data-dependent control flow, e.g. Hugging Face masks) it falls back to a loop of
-    ``torch.func.grad`` over the samples, for this and all later chunks. The model's mode is
+    ``torch.func.grad`` over the samples, for this and all later chunks, and where
+    ``torch.func`` cannot transform the model at all (an old-style custom
+    ``autograd.Function``, e.g. BLOOM's GeLU) to plain reverse mode, one sample at a time. The model's mode is
     used: BatchNorm layers in train mode normalise each sample by its own statistics (as a
     batch of one, running statistics neither used nor updated; in eval mode they use their
     running statistics, the textbook per-sample gradient). Buffers are restored when the
@@ -72,7 +74,7 @@ def per_sample_gradient_chunks(
     """
     named = trainable_named_parameters(model)
     params = {n: p.detach() for n, p in named}
-    state = {"vmap": True}
+    state = {"vmap": True, "func": True}
     # train-mode BatchNorm: hide the running statistics (None), so that the per-sample forward
     # neither mutates them (torch.func forbids it) nor uses them
     stats = {}
@@ -121,9 +123,29 @@ def per_sample_gradient_chunks(
                 for i in range(len(chunk)):
                     x = ({k: v[i] for k, v in batched.items()} if isinstance(batched, Mapping)
                          else batched[i])
-                    rows.append(grad(loss)(params, x, chunk.labels[i]))
+                    if state["func"]:
+                        try:
+                            rows.append(grad(loss)(params, x, chunk.labels[i]))
+                            continue
+                        except RuntimeError as e:
+                            # an old-style custom autograd.Function (no setup_context, e.g.
+                            # BLOOM's GeLU) refuses every torch.func transform
+                            if "setup_context" not in str(e):
+                                raise
+                            state["func"] = False
+                    rows.append(_reverse_mode_gradient(loss, named, x, chunk.labels[i]))
                 g = {n: torch.stack([r[n] for r in rows]) for n in params}
             yield {n: g[n].detach() for n in params}
+
+
+def _reverse_mode_gradient(loss: Any, named: list[tuple[str, nn.Parameter]], x: Any,
+                           y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name: gradient}`` of ``loss(params, x, y)`` for one sample by ``torch.autograd``
+    through the model's own parameters (zeros for a parameter the loss does not use)."""
+    live = dict(named)
+    g = torch.autograd.grad(loss(live, x, y), list(live.values()), allow_unused=True)
+    return {n: (gn if gn is not None else torch.zeros_like(p)).detach()
+            for (n, p), gn in zip(named, g)}
 
 
 def parameter_blocks(model: nn.Module) -> list[list[str]]:

@@ -25,7 +25,9 @@ constants, train-mode BatchNorm and softmax without PyTorch's costlier formulas
 (``forward_fastpaths=False`` keeps PyTorch's), and each value is read from the closed-form
 output gradient (:func:`loss_tangent`). Fused attention (``F.scaled_dot_product_attention``,
 Hugging Face's default ``sdpa``) has no forward-mode formula in PyTorch; during the pass it
-runs by PyTorch's math backend, the same function to rounding, with either setting.
+runs by PyTorch's math backend, the same function to rounding, with either setting. A
+custom ``autograd.Function`` without a ``jvp`` gets its tangent from its own backward
+(:mod:`lai.estimators.custom_function_jvp`; BLOOM's GeLU).
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -59,6 +61,7 @@ from lai.estimators.capture import chunks, preserved_buffers
 from lai.estimators import ghost_probe
 from lai.estimators import forward_fastpaths
 from lai.estimators.forward_fastpaths import ForwardFastPaths
+from lai.estimators.custom_function_jvp import custom_function_jvps
 from lai.estimators.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
@@ -328,7 +331,7 @@ class GhostEstimator(OnlineEstimator):
                 if torch.is_grad_enabled() else nullcontext())
         try:
             with (fwAD.dual_level(), dual_parameters(model, self._tangents) as duals,
-                  lean as release,
+                  lean as release, custom_function_jvps(),
                   ForwardFastPaths(duals, fast=self.forward_fastpaths)):
                 try:
                     yield cap

@@ -102,3 +102,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def strip(batch: dict) -> dict:
     """A dict batch without its labels: the model's keyword arguments."""
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def per_sample_grads_autograd(model: nn.Module, param_names: list[str], inputs, labels,
+                              kwargs: bool = False, loss_fn=token_mean_ce) -> torch.Tensor:
+    """Per-sample gradients by plain reverse mode, one sample per forward: [N, P]. For models
+    torch.func cannot transform (a custom ``autograd.Function`` in the old style, e.g. BLOOM's
+    GeLU); the same values as :func:`per_sample_grads` where both run."""
+    params = [p for k, p in model.named_parameters() if k in param_names]
+    rows = []
+    for i in range(labels.shape[0]):
+        if kwargs:
+            out = model(**{k: v[i:i + 1] for k, v in inputs.items()})
+        else:
+            out = model(inputs[i:i + 1])
+        if hasattr(out, "logits"):
+            out = out.logits
+        g = torch.autograd.grad(loss_fn(out, labels[i:i + 1]), params, allow_unused=True)
+        rows.append(torch.cat([(gk if gk is not None else torch.zeros_like(p)).reshape(-1)
+                               for gk, p in zip(g, params)]))
+    return torch.stack(rows)
