@@ -39,8 +39,9 @@ Two forms (``mode``), equal values wherever both apply (tested against ``torch.f
 - ``probe``: :mod:`lai.estimators.ghost_probe`, the per-layer probe contracted with the
   output gradients of the *training backward*: about 1.33x vanilla's FLOPs, but the values
   exist only after the backward, so it serves scoring without filtering (a policy that keeps
-  every sample with weight 1), and it needs every trainable parameter in a module whose
-  output is linear in it and no BatchNorm using batch statistics (else it is the per-route
+  every sample with weight 1), and it needs every trainable parameter in a module with a
+  probe (a layer type with a closed form, or any module without submodules, replayed in
+  forward mode) and no BatchNorm using batch statistics (else it is the per-route
   decomposition, not ``<g_V, grad ell_j>`` in batch context).
 - ``auto`` (default): ``probe`` where both of those hold and the trainer does not need the
   values before the backward (:meth:`GhostEstimator.plan`), else ``forward``.
@@ -122,8 +123,9 @@ def _probe_plan_or_raise(model: nn.Module) -> list:
     """The probe plan of ``model``; ValueError naming the modules that have no probe."""
     plan, missing = ghost_probe.probe_plan(model)
     if missing:
-        raise ValueError("ghost mode=probe needs every trainable parameter in a module linear "
-                         f"in it; these are not: {', '.join(missing[:5])}")
+        raise ValueError("ghost mode=probe needs every trainable parameter in a module with a "
+                         "probe (a known layer type, or a module without submodules); these "
+                         f"have none: {', '.join(missing[:5])}")
     return plan
 
 
@@ -314,7 +316,8 @@ class GhostEstimator(OnlineEstimator):
         if self.active_mode == "probe":
             if self._probe_plan is None:
                 self._probe_plan = _probe_plan_or_raise(model)
-            return ghost_probe.probe_capture(model, batch, self._probe_plan, self._tangents)
+            return ghost_probe.probe_capture(model, batch, self._probe_plan, self._tangents,
+                                             check_replays=not self._coverage_checked)
         return self._forward_capture(model, batch)
 
     @contextmanager
@@ -379,7 +382,8 @@ class GhostEstimator(OnlineEstimator):
             raise RuntimeError("call refresh(model, val_batch) before scoring")
         plan = _probe_plan_or_raise(model)
         with preserved_buffers(model), torch.enable_grad():
-            with ghost_probe.probe_capture(model, batch, plan, self._tangents) as cap:
+            with ghost_probe.probe_capture(model, batch, plan, self._tangents,
+                                           check_replays=True) as cap:
                 with self.forward_context():
                     logits = forward_logits(model, batch.inputs)
             if logits.dtype not in (torch.float32, torch.float64):

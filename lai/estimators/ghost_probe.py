@@ -15,6 +15,12 @@ is exactly ``<g_V, grad ell_j>``: one extra "forward" of each layer with ``g_V``
 contracted with a gradient the training backward computes anyway, and no tangent carried
 through the network (forward mode costs a second matmul per layer for that).
 
+Any other module without submodules (Hugging Face's RMSNorm classes, FalconLinear, OPT's
+position embedding) gets the *replay* probe (:func:`module_jvp`): its own forward run again
+in forward mode with its parameters' tangents, on the arguments it was called with; the
+identity needs the chain rule only, not linearity. Checked on the first step: the replay
+must reproduce the forward's output and give a sample alone its output in the batch.
+
 Exact per sample when the forward does not mix samples. BatchNorm in train mode mixes them
 (batch statistics): then the values are the per-route decomposition ghost-clipping engines
 compute (each sample's share through its own activations), whose sum over the batch is
@@ -30,14 +36,16 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
 from lai.batching import Batch, logits_of
 from lai.estimators.capture import fp32_math
 
-# type -> probe(module, input, tangents by parameter name) -> d s / d eps (same shape as s)
-Probe = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
+# type -> probe(module, input, tangents by parameter name) -> d s / d eps (same shape as s);
+# module_jvp, the replay probe, takes (module, args, kwargs, tangents) instead
+Probe = Callable[..., torch.Tensor]
 
 
 def _affine(x_hat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -103,6 +111,44 @@ def _hf_conv1d(m: nn.Module, a: torch.Tensor, t: dict) -> torch.Tensor:
     return out + b if b is not None else out
 
 
+def module_jvp(m: nn.Module, args: tuple, kwargs: dict, t: dict) -> torch.Tensor:
+    """The replay probe (see :func:`replay`): the tangent alone."""
+    return replay(m, args, kwargs, t)[1]
+
+
+def replay(m: nn.Module, args: tuple, kwargs: dict, t: dict
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the *replay* probe of a module without a closed-form one: the derivative of its output
+    along the tangents ``t`` of its own parameters, its inputs held fixed, by forward-mode AD
+    through its own ``forward`` (``m.forward``: no hooks run) on the inputs it was called
+    with. Linearity in the parameters is not needed: ``<g_j, d s_j/d theta . t>`` is sample
+    j's share of ``<g_V, grad ell_j>`` for any module whose output rows are per sample (the
+    probe identity needs only the chain rule). Output: the shape of the module's output.
+    Runs under the forward form's correctness handlers (fused attention, embeddings' padding
+    rows, custom Functions without jvp). Returns ``(output, tangent)``: the replayed output,
+    which must equal the one the forward gave (a module drawing random numbers or keeping
+    state would not; :func:`probe_capture` checks it when asked), and its tangent."""
+    from lai.estimators.custom_function_jvp import custom_function_jvps
+    from lai.estimators.forward_fastpaths import ForwardFastPaths
+
+    swapped = {}
+    with fwAD.dual_level(), custom_function_jvps(), ForwardFastPaths((), fast=False):
+        try:
+            for name, p in list(m._parameters.items()):
+                if p is not None and name in t:  # a frozen parameter keeps no tangent
+                    swapped[name] = p
+                    m._parameters[name] = fwAD.make_dual(p.detach(), t[name].to(p.dtype))
+            out = m.forward(*args, **kwargs)
+        finally:
+            for name, p in swapped.items():
+                m._parameters[name] = p
+        if not isinstance(out, torch.Tensor):
+            raise RuntimeError(f"ghost probe mode: {type(m).__name__} returned "
+                               f"{type(out).__name__}, not a tensor, when replayed")
+        primal, tangent = fwAD.unpack_dual(out)
+        return primal, (tangent if tangent is not None else torch.zeros_like(primal))
+
+
 _BASE_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
                   nn.Embedding.forward, nn.LayerNorm.forward, nn.GroupNorm.forward,
                   nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
@@ -111,22 +157,25 @@ if hasattr(nn, "RMSNorm"):
 
 
 def probe_for(module: nn.Module) -> Probe | None:
-    """The probe of ``module``'s type, or None when its output is not (known to be) linear in
-    its own parameters. A subclass that overrides ``forward`` has none: the probes rebuild
-    the base class's forward from the module's input, and such a forward may compute
-    something else from it (OPT's learned position embedding takes the attention mask and
-    adds an offset)."""
+    """The probe of ``module``: a closed form for the layer types whose output is linear in
+    their own parameters (input ``a`` -> ``d s / d eps``), else :func:`module_jvp` (a replay
+    of its forward in forward mode) for a module without submodules (Hugging Face's RMSNorm
+    classes, a subclass with a ``forward`` of its own such as OPT's learned position
+    embedding, which takes the attention mask and adds an offset), else None: a module with
+    submodules has none, since replaying it would run them (and their hooks) again."""
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return None  # max_norm rescales the weight in place: neither probe nor replay
     if (isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding,
                             nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
             or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm))) \
             and type(module).forward not in _BASE_FORWARDS:
-        return None
+        return _replay_probe(module)
     if isinstance(module, nn.Linear):
         return _linear
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return _conv
     if isinstance(module, nn.Embedding):
-        return _embedding if module.max_norm is None else None  # max_norm rescales in place
+        return _embedding
     if isinstance(module, nn.LayerNorm):
         return _layer_norm
     if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
@@ -137,14 +186,18 @@ def probe_for(module: nn.Module) -> Probe | None:
         return _batch_norm
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
         return _hf_conv1d
-    return None
+    return _replay_probe(module)
+
+
+def _replay_probe(module: nn.Module) -> Probe | None:
+    return module_jvp if next(module.children(), None) is None else None
 
 
 def probe_plan(model: nn.Module) -> tuple[list[tuple[nn.Module, Probe]], list[str]]:
     """(modules holding trainable parameters with their probe, names of those that have none).
 
     Probe form needs the second list empty: every trainable parameter must sit in a module
-    whose forward is linear in it. A parameter used outside its module's forward (e.g. a
+    with a probe (:func:`probe_for`). A parameter used outside its module's forward (e.g. a
     weight read directly by a parent) is caught by :func:`check_coverage` at run time.
     """
     plan, missing = [], []
@@ -187,11 +240,76 @@ class ProbeCapture:
         self.low_precision = False  # some output gradient arrived in bf16/fp16
 
 
+def _versions(args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, int]]:
+    return [(x, x._version) for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+
+
+def _check_unchanged(module: nn.Module, args: tuple, kwargs: dict,
+                     versions: list[tuple[torch.Tensor, int]]) -> None:
+    """A replay needs the inputs the module saw: RuntimeError if one was changed in place."""
+    if any(x._version != v for x, v in versions):
+        raise RuntimeError(
+            f"ghost probe mode: an input of {type(module).__name__} was changed in place after "
+            "its forward, so its replay probe cannot see what it saw; use "
+            "estimator.ghost_mode=forward")
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor, low: bool) -> bool:
+    # not bit for bit: with dual parameters PyTorch may take another kernel for the primal
+    # (FalconLinear's ``x @ W.T``); random numbers or state differ by far more than rounding
+    if a.shape != b.shape:
+        return True
+    if not b.is_floating_point():
+        return not torch.equal(a, b)
+    tol = 2e-2 if low else (1e-10 if b.dtype == torch.float64 else 1e-5)
+    return float((a.double() - b.double()).norm()) > tol * float(b.double().norm())
+
+
+def _check_same_output(module: nn.Module, again: torch.Tensor, seen: torch.Tensor,
+                       low: bool) -> None:
+    if _differ(again, seen, low):
+        raise RuntimeError(
+            f"ghost probe mode: replaying {type(module).__name__}'s forward gave another output "
+            "than the forward did (random numbers or state inside it), so its replay probe "
+            "does not apply; use estimator.ghost_mode=forward")
+
+
+def _check_rows_independent(module: nn.Module, args: tuple, kwargs: dict, t: dict,
+                            full: torch.Tensor, b: int, low: bool) -> None:
+    """Replay the first sample alone (every argument with ``b`` leading rows cut to one):
+    a module that mixes the samples of a batch (batch statistics in a hand-written norm)
+    gives it another output, and its probe would be a per-route split, not the per-sample
+    derivative: RuntimeError then. Skipped where the rows are not one per sample, or the
+    module cannot run on one row."""
+    if b < 2 or full.dim() == 0 or full.shape[0] != b:
+        return
+
+    def first(x):
+        return x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == b else x
+
+    try:
+        alone, _ = replay(module, tuple(first(x) for x in args),
+                          {k: first(x) for k, x in kwargs.items()}, t)
+    except Exception:  # noqa: BLE001 -- cannot tell, so no verdict
+        return
+    if _differ(alone, full[:1], low):
+        raise RuntimeError(
+            f"ghost probe mode: {type(module).__name__} gives a sample another output alone "
+            "than in its batch (it mixes the samples, e.g. batch statistics), so its probe "
+            "would not be the per-sample derivative; use estimator.ghost_mode=forward")
+
+
 @contextmanager
 def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Probe]],
-                  tangents: dict[int, torch.Tensor]) -> Iterator[ProbeCapture]:
+                  tangents: dict[int, torch.Tensor], check_replays: bool = False
+                  ) -> Iterator[ProbeCapture]:
     """Forward hooks on the planned modules; each registers a gradient hook on its output
-    that adds ``<g, probe>`` per sample into ``capture.acc`` during the backward."""
+    that adds ``<g, probe>`` per sample into ``capture.acc`` during the backward.
+
+    ``check_replays``: each replay probe (:func:`module_jvp`) also compares its replayed
+    output with the one the forward gave, and the backward raises a RuntimeError naming the
+    module if they differ (randomness or state inside it). It holds copies of those outputs
+    until the backward and waits for the device once per module: meant for a first step."""
     cap = ProbeCapture(batch.labels)
     cap.batch_size = len(batch)
     mask = batch.attention_mask
@@ -201,12 +319,15 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
     def make_hook(module: nn.Module, probe: Probe):
         names = {n: tangents[id(p)] for n, p in module._parameters.items()
                  if p is not None and id(p) in tangents}
+        is_replay = probe is module_jvp
 
         def forward_hook(mod, args, kwargs, out) -> None:
             if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor)
                     and out.requires_grad):
                 return  # no backward will reach this output
             a = args[0] if args else next(iter(kwargs.values()))
+            # a copy: the model may change its output in place later (Falcon's residual add)
+            seen = out.detach().clone() if is_replay and check_replays else None
             b = cap.batch_size
             replaced = None
             per_sample = None  # rows per sample when the layer runs on [B * T, ...] rows
@@ -227,7 +348,9 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                     f"{out.shape[0] if out.dim() else 0}, not the batch size {b}; "
                     "use estimator.ghost_mode=forward")
 
-            held = [a]  # released once used: the layer's input need not outlive its backward
+            # released once used: the layer's input need not outlive its backward. A replay
+            # keeps every argument, with the version counters of its tensors
+            held = [(args, kwargs, _versions(args, kwargs)) if is_replay else a]
 
             def on_grad(g: torch.Tensor) -> None:
                 if not held:
@@ -237,11 +360,20 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
                     # the probe runs in the precision the forward ran in: bf16 autocast when
                     # the gradient arrives in bf16 (as fast as the layer), else full precision
                     low = g.dtype in (torch.bfloat16, torch.float16)
-                    if not (low or not a.is_floating_point() or a.dtype == g.dtype):
+                    if is_replay:
+                        _check_unchanged(mod, *a)
+                    elif not (low or not a.is_floating_point() or a.dtype == g.dtype):
                         a = a.to(g.dtype)
                     with (torch.autocast(g.device.type, dtype=g.dtype) if low
                           else fp32_math(g)):
-                        p = probe(mod, a, names)
+                        if seen is not None:
+                            again, p = replay(mod, *a[:2], names)
+                            _check_same_output(mod, again, seen, low)
+                            _check_rows_independent(mod, *a[:2], names, again, b, low)
+                        elif is_replay:
+                            p = probe(mod, *a[:2], names)
+                        else:
+                            p = probe(mod, a, names)
                     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
                     term = (g.to(acc_dtype) * p.to(acc_dtype)).sum(dim=tuple(range(1, g.dim())))
                     if per_sample is not None:

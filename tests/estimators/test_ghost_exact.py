@@ -144,8 +144,9 @@ def test_hf_models_with_sdpa_attention(arch):
 def test_opt_flattened_rows_and_an_overridden_forward():
     """OPT: fc1/fc2 and their LayerNorm run on ``[B * T, D]`` rows (the probe sums each
     sample's T rows), and its position embedding subclasses ``nn.Embedding`` with a forward
-    of its own (the attention mask in, an offset added), which has no probe: auto and
-    ``probe_for`` leave it to the forward form; frozen, the probe form covers the rest."""
+    of its own (the attention mask in, an offset added): the closed-form embedding probe
+    would compute something else, so it gets the replay probe (its own forward in forward
+    mode on the arguments it was called with), exact in both forms."""
     transformers = pytest.importorskip("transformers")
     from lai.estimators import ghost_probe
 
@@ -155,10 +156,8 @@ def test_opt_flattened_rows_and_an_overridden_forward():
                                  pad_token_id=0)
     model = transformers.OPTForCausalLM(cfg).double().eval()
     positions = model.model.decoder.embed_positions
-    assert ghost_probe.probe_for(positions) is None
-    assert any("embed_positions" in m for m in ghost_probe.probe_plan(model)[1])
-    check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=False)
-    positions.weight.requires_grad_(False)
+    assert ghost_probe.probe_for(positions) is ghost_probe.module_jvp
+    assert ghost_probe.probe_for(model.model.decoder.embed_tokens) is ghost_probe._embedding
     assert ghost_probe.probe_plan(model)[1] == []
     check(model, lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6), True, probe=True)
 

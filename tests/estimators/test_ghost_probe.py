@@ -173,3 +173,140 @@ def test_torchvision_resnet18_in_place_relu_after_batchnorm_eval():
     tr = (torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
     va = (torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,)))
     assert rel_err(probe(model, tr, va), value(model, tr, va, method="ghost")) < REL
+
+
+class GatedScale(nn.Module):
+    """A leaf module whose output is *not* linear in its parameters:
+    ``scale * x * sigmoid(gate) + shift ** 2 (+ offset)``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(dim))
+        self.shift = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x, scale=1.0, offset=None):
+        out = scale * x * torch.sigmoid(self.gate) + self.shift ** 2
+        return out if offset is None else out + offset  # (an addition saves no operand)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gated, self.fc2 = nn.Linear(6, 8), GatedScale(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.gated(self.fc1(x), scale=0.5)))
+
+
+def test_replay_probe_on_a_module_nonlinear_in_its_parameters():
+    """A leaf module without a closed-form probe gets the replay probe (its own forward in
+    forward mode, keyword arguments included): exact against torch.func, though the module
+    is not linear in its parameters; a module with submodules still has none."""
+    from lai.estimators import ghost_probe
+
+    model = GatedMLP()
+    assert ghost_probe.probe_for(model.gated) is ghost_probe.module_jvp
+    assert ghost_probe.probe_for(model) is None  # the root has children (and no parameters)
+    tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    va = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    check_against_brute_force(model, tr, va)
+    # auto takes the probe form for scoring without filtering
+    assert GhostEstimator().plan(model, values_before_backward=False) == "probe"
+
+
+def test_replay_probe_on_hugging_face_rms_norm():
+    """Llama's ``LlamaRMSNorm`` (not ``nn.RMSNorm``): the replay probe, so the whole model has
+    the probe form (the forward form is checked in
+    test_ghost_exact.py): against torch.func to Llama's float32 rotary tables (about 1e-7
+    here, as the forward form)."""
+    transformers = pytest.importorskip("transformers")
+    from lai.estimators import ghost_probe
+    from tests.estimators.nets import lm_batch
+
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    assert ghost_probe.probe_plan(model)[1] == []
+    assert ghost_probe.probe_for(model.model.norm) is ghost_probe.module_jvp
+    tr, va = lm_batch(4, 8, 40, 5), lm_batch(3, 8, 40, 6)
+    names = [n for n, p in model.named_parameters()]
+    strip = brute.strip
+    ref = (brute.per_sample_grads(model, names, strip(tr), tr["labels"], kwargs=True)
+           @ brute.per_sample_grads(model, names, strip(va), va["labels"], kwargs=True).sum(0))
+    assert rel_err(probe(model, tr, va), ref) < 1e-6
+
+
+def test_replay_probe_refuses_an_input_changed_in_place():
+    """The replay needs the module's inputs as they were: one changed in place after the
+    forward (autograd does not save it here) is a clear error, and auto falls back."""
+    class ChangesItsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.gated, self.fc2 = nn.Linear(6, 8), GatedScale(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            offset = torch.ones(1)
+            h = self.gated(self.fc1(x), offset=offset)
+            offset.mul_(3.0)  # the tensor the gated layer was called with, changed afterwards
+            return self.fc2(h)
+
+    tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    va = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match="changed in place"):
+        probe(ChangesItsInput(), tr, va)
+    est = GhostEstimator(mode="auto")
+    model = ChangesItsInput()
+    assert est.plan(model, values_before_backward=False) == "probe"
+    with pytest.warns(UserWarning, match="probe form does not fit"):
+        est.refresh(model, as_batch(va))
+    assert est.active_mode == "forward"
+
+
+def test_replay_probe_refuses_a_module_with_randomness():
+    """A leaf module that draws random numbers in its forward (dropout by hand, in train
+    mode) replays to another output: the check on the first step (here, the trial on
+    validation rows) names it, and auto falls back to the forward form."""
+    class NoisyGate(GatedScale):
+        def forward(self, x, scale=1.0, offset=None):
+            return nn.functional.dropout(super().forward(x), 0.5, self.training)
+
+    model = GatedMLP().train()
+    model.gated = NoisyGate(8)
+    va = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match="NoisyGate.*another output"):
+        probe(model, (torch.randn(5, 6), torch.randint(0, 3, (5,))), va)
+    est = GhostEstimator(mode="auto")
+    assert est.plan(model, values_before_backward=False) == "probe"
+    with pytest.warns(UserWarning, match="another output"):
+        est.refresh(model, as_batch(va))
+    assert est.active_mode == "forward"
+    model.eval()  # no random numbers: the replay probe applies
+    tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    assert rel_err(probe(model, tr, va), value(model, tr, va, method="ghost")) < REL
+
+
+def test_replay_probe_refuses_a_module_that_mixes_the_samples():
+    """A hand-written batch norm (not a ``_BatchNorm``, so the plan cannot see it): the
+    replay probe would give the per-route split; the first step's check replays one sample
+    alone, sees another output, and names it; auto falls back to the forward form."""
+    class HandBatchNorm(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x, scale=1.0):  # GatedMLP passes scale
+            x = scale * x
+            return self.weight * (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-5).sqrt()
+
+    model = GatedMLP()
+    model.gated = HandBatchNorm(8)
+    tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    va = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match="HandBatchNorm.*mixes the samples"):
+        probe(model, tr, va)
+    est = GhostEstimator(mode="auto")
+    assert est.plan(model, values_before_backward=False) == "probe"
+    with pytest.warns(UserWarning, match="mixes the samples"):
+        est.refresh(model, as_batch(va))
+    assert est.active_mode == "forward"
