@@ -10,7 +10,9 @@ process. The setups are:
 - ``resnet18``: torchvision ResNet-18 (ImageNet stem, as in the paper's code) on CIFAR-shaped
   32x32 images, 10 classes;
 - ``bert``: a BERT sequence classifier, 20 classes;
-- ``gpt_neo``: a GPT-Neo causal language model.
+- ``gpt_neo``: a GPT-Neo causal language model;
+- ``llama`` (not in the default ``--setups``): a Llama causal language model (RMSNorm, rotary
+  positions, gated MLP), whose norms take Ghost's replay probe.
 
 The transformers are built from a config, with no download, at ``--size``: ``full`` (bert-base,
 gpt-neo-125M; the GPU default), ``small`` (the all-MiniLM-L6 shape with the real vocabularies:
@@ -138,22 +140,23 @@ class _NullRecorder:
 SIZES = ("tiny", "small", "full")
 DEFAULT_METHODS = ("vanilla", "lai", "lli", "ghost", "ghost/forward", "ghost/probe",
                    "ghost/2pass", "lai+filter", "lai+filter/2pass")
-SETUPS = ("resnet18", "bert", "gpt_neo")
+SETUPS = ("resnet18", "bert", "gpt_neo", "llama")
 
 
 def make_setup(name: str, size: str, batch: int | None, attention: str = "sdpa"):
     """(model, bundle, batch size, |V|) for one setup; data is random but correctly shaped.
 
-    ``attention``: BERT's ``attn_implementation``, ``sdpa`` (Hugging Face's default: fused
-    kernels, the fast plain loop; Ghost's forward form runs it by the math backend) or
-    ``eager``. GPT-Neo has eager attention only.
+    ``attention``: BERT's and Llama's ``attn_implementation``, ``sdpa`` (Hugging Face's
+    default: fused kernels, the fast plain loop; Ghost's forward form runs it by the math
+    backend) or ``eager``. GPT-Neo has eager attention only.
 
     ``size`` picks the transformers' configs (ResNet-18 is always the real network):
     ``tiny`` (2 layers, width 32, sequence 64, byte-sized vocabulary: the CPU default, seconds),
     ``small`` (all-MiniLM-L6 shape: 6 layers, width 384, sequence 128, the real vocabularies;
     minutes on a CPU, to see the ratios without the tiny presets' fixed costs) and ``full``
-    (bert-base, gpt-neo-125M, sequence 128: the GPU default). Batches: ResNet-18 512 at
-    ``full``, else 128; BERT 32 at ``full``, else 16; GPT-Neo 8 at ``full`` and ``small``, else 16.
+    (bert-base, gpt-neo-125M, sequence 128: the GPU default; Llama at the same shape with its
+    32,000-word vocabulary). Batches: ResNet-18 512 at ``full``, else 128; BERT 32 at
+    ``full``, else 16; the language models 8 at ``full`` and ``small``, else 16.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
@@ -175,12 +178,12 @@ def make_setup(name: str, size: str, batch: int | None, attention: str = "sdpa")
                             preprocess=CifarPreprocess((0.4914, 0.4822, 0.4465),
                                                        (0.2470, 0.2435, 0.2616), True))
         return resnet18(10), bundle, b, 100
-    if name not in ("bert", "gpt_neo"):
-        raise ValueError(f"unknown setup {name!r}: resnet18, bert or gpt_neo")
+    if name not in SETUPS:
+        raise ValueError(f"unknown setup {name!r}: one of {SETUPS}")
     import transformers
 
     t = 64 if size == "tiny" else 128
-    vocab = 259 if size == "tiny" else (50257 if name == "gpt_neo" else 30522)
+    vocab = 259 if size == "tiny" else {"gpt_neo": 50257, "llama": 32000, "bert": 30522}[name]
     b = batch or {"tiny": 16, "small": 16 if name == "bert" else 8,
                   "full": 32 if name == "bert" else 8}[size]
     n, nv = b * 4, 256
@@ -200,6 +203,13 @@ def make_setup(name: str, size: str, batch: int | None, attention: str = "sdpa")
         model = transformers.BertForSequenceClassification(cfg)
         y, yv = (torch.randint(0, 20, (n,), generator=g), torch.randint(0, 20, (nv,), generator=g))
         task, classes = "classification", 20
+    elif name == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=shape[0],
+                                       num_hidden_layers=shape[1], num_attention_heads=shape[2],
+                                       intermediate_size=shape[3], use_cache=False,
+                                       max_position_embeddings=max(t, 128),
+                                       attn_implementation=attention)
+        model = transformers.LlamaForCausalLM(cfg)
     else:
         extra = dict(hidden_size=shape[0], num_layers=shape[1], num_heads=shape[2],
                      attention_types=[[["global", "local"], shape[1] // 2]],
@@ -207,6 +217,7 @@ def make_setup(name: str, size: str, batch: int | None, attention: str = "sdpa")
         cfg = transformers.GPTNeoConfig(vocab_size=vocab, attn_implementation="eager",
                                         use_cache=False, **extra)
         model = transformers.GPTNeoForCausalLM(cfg)
+    if name != "bert":  # next-token labels
         y = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], 1)
         yv = torch.cat([ids_v[:, 1:], torch.full((nv, 1), -100)], 1)
         task, classes = "lm", vocab
@@ -464,7 +475,7 @@ def main() -> None:
     ap.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--compile", action="store_true", help="torch.compile hook-free forwards")
     ap.add_argument("--attention", default="sdpa", choices=ATTENTIONS,
-                    help="BERT's attn_implementation (GPT-Neo has eager only)")
+                    help="BERT's and Llama's attn_implementation (GPT-Neo has eager only)")
     ap.add_argument("--methods", default=None,
                     help=f"default: {','.join(DEFAULT_METHODS)}, and lai/offload on CUDA")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))

@@ -269,3 +269,21 @@ def test_nofast_rows_switch_the_fast_paths_off_and_name_keeps_table4s_file(tmp_p
     assert not (tmp_path / "online_cpu.json").exists()
     report = json.loads((tmp_path / "fastpaths_ab.json").read_text())
     assert set(report["setups"]["gpt_neo"]) == {"vanilla", "ghost/forward/nofast"}
+
+
+def test_bench_llama_setup_takes_the_probe_form(tmp_path):
+    """The opt-in Llama setup (RMSNorm classes of its own): Ghost's trainer picks the probe
+    form (the replay probe covers its norms); a seconds-long run on a 2-row batch."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--device",
+                        "cpu", "--setups", "llama", "--batch", "2", "--steps", "2", "--block",
+                        "2", "--warmup", "1", "--min-seconds", "0", "--methods",
+                        "vanilla,ghost", "--out", str(tmp_path), "--name", "llama"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "llama.json").read_text())["setups"]["llama"]
+    assert rows["ghost"]["ghost_form"] == "probe"
+    assert rows["vanilla"]["model"]["class"] == "LlamaForCausalLM"
+    bench = _bench_module()
+    llama = bench.make_setup("llama", "tiny", None, "eager")[0]
+    assert bench.describe_model(llama)["attn_implementation"] == "eager"

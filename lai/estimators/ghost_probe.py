@@ -118,10 +118,10 @@ def module_jvp(m: nn.Module, args: tuple, kwargs: dict, t: dict) -> torch.Tensor
 
 def replay(m: nn.Module, args: tuple, kwargs: dict, t: dict
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the *replay* probe of a module without a closed-form one: the derivative of its output
-    along the tangents ``t`` of its own parameters, its inputs held fixed, by forward-mode AD
-    through its own ``forward`` (``m.forward``: no hooks run) on the inputs it was called
-    with. Linearity in the parameters is not needed: ``<g_j, d s_j/d theta . t>`` is sample
+    """The *replay* probe's computation, for a module without a closed-form probe: the
+    derivative of its output along the tangents ``t`` of its own parameters, its inputs held
+    fixed, by forward-mode AD through its own ``forward`` (``m.forward``: no hooks run) on
+    the inputs it was called with. Linearity in the parameters is not needed: ``<g_j, d s_j/d theta . t>`` is sample
     j's share of ``<g_V, grad ell_j>`` for any module whose output rows are per sample (the
     probe identity needs only the chain rule). Output: the shape of the module's output.
     Runs under the forward form's correctness handlers (fused attention, embeddings' padding
@@ -132,13 +132,18 @@ def replay(m: nn.Module, args: tuple, kwargs: dict, t: dict
     from lai.estimators.forward_fastpaths import ForwardFastPaths
 
     swapped = {}
-    with fwAD.dual_level(), custom_function_jvps(), ForwardFastPaths((), fast=False):
+    with fwAD.dual_level():
         try:
             for name, p in list(m._parameters.items()):
                 if p is not None and name in t:  # a frozen parameter keeps no tangent
                     swapped[name] = p
                     m._parameters[name] = fwAD.make_dual(p.detach(), t[name].to(p.dtype))
-            out = m.forward(*args, **kwargs)
+            # the fast paths too: the inputs carry no tangent, and PyTorch's formulas would
+            # give them efficient-zero ones (a LlamaRMSNorm replay on
+            # [16, 64, 32]: 0.43 ms without them, 0.12 with, 0.04 its plain forward)
+            with custom_function_jvps(), ForwardFastPaths(
+                    [m._parameters[n] for n in swapped], fast=True):
+                out = m.forward(*args, **kwargs)
         finally:
             for name, p in swapped.items():
                 m._parameters[name] = p
