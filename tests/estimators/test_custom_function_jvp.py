@@ -187,16 +187,21 @@ def test_ghost_on_a_model_with_a_custom_function(train):
     assert rel_err(value(model, tr, va, method="ghost"), ref) < 1e-10
 
 
-def test_ghost_on_bloom():
-    """BLOOM runs every MLP through its GeLUFunction (no jvp). Its own forward and reverse
-    modes differ by about 2e-12 relative in float64 with or without that Function (measured),
-    hence the tolerance."""
+def _tiny_bloom() -> nn.Module:
+    """A random tiny BLOOM (every MLP runs its GeLUFunction, which has no jvp); skips the test
+    where transformers or BLOOM is missing."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "BloomForCausalLM"):
         pytest.skip("this transformers has no BLOOM")
     torch.manual_seed(0)
-    model = transformers.BloomForCausalLM(transformers.BloomConfig(
-        vocab_size=40, hidden_size=16, n_layer=2, n_head=2)).eval()
+    return transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=40, hidden_size=16, n_layer=2, n_head=2))
+
+
+def test_ghost_on_bloom():
+    """BLOOM's own forward and reverse modes differ by about 2e-12 relative in float64 with or
+    without its GeLUFunction (measured), hence the tolerance."""
+    model = _tiny_bloom().eval()
     tr, va = lm_batch(4, 6, 40, seed=1), lm_batch(3, 6, 40, seed=2)
     ref = _loop_reference(model, tr, va, kwargs=True)
     assert rel_err(value(model, tr, va, method="ghost"), ref) < 1e-9
@@ -211,12 +216,7 @@ def test_training_forward_scores_and_keeps_its_backward(arch):
     from lai.estimators.ghost import GhostEstimator
 
     if arch == "bloom":
-        transformers = pytest.importorskip("transformers")
-        if not hasattr(transformers, "BloomForCausalLM"):
-            pytest.skip("this transformers has no BLOOM")
-        torch.manual_seed(0)
-        model = transformers.BloomForCausalLM(transformers.BloomConfig(
-            vocab_size=40, hidden_size=16, n_layer=2, n_head=2)).train()
+        model = _tiny_bloom().train()
         tr_raw, va_raw = lm_batch(4, 6, 40, seed=1), lm_batch(3, 6, 40, seed=2)
         ref_values = _loop_reference(model, tr_raw, va_raw, kwargs=True)
     else:
