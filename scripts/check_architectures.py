@@ -5,7 +5,8 @@ eval mode, no download), checks:
 
 * ``ghost``: Ghost's forward form (``lai.value(..., method="ghost")``) against brute force,
   ``sum_z <g_j, g_z>`` from per-sample gradients by plain reverse mode, one sample per forward
-  (``reference_values``; no torch.func, so models it cannot transform are covered too);
+  (``reference_values``, from the test suite's ``tests/estimators/brute.py``; no torch.func,
+  so models it cannot transform are covered too);
 * ``probe``: Ghost's probe form against the forward form, or why it does not apply (modules
   without a probe, or a model that defeats it at run time: ``auto`` then uses the forward
   form);
@@ -16,7 +17,7 @@ Prints a Markdown table and writes ``results/compat/architectures.json`` (``--ou
 torch and transformers versions. ``tests/estimators/test_architectures.py`` asserts the same
 checks per architecture. Usage::
 
-    python scripts/check_architectures.py                # every architecture (about a minute)
+    python scripts/check_architectures.py                # every architecture (about 15 s)
     python scripts/check_architectures.py --only bloom_lm,gpt2_lm
 """
 from __future__ import annotations
@@ -36,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lai import value  # noqa: E402
-from lai.batching import as_batch, forward_logits, per_sample_loss  # noqa: E402
+from lai.batching import as_batch  # noqa: E402
 from lai.estimators import ghost_probe  # noqa: E402
 from lai.estimators.ghost import GhostEstimator  # noqa: E402
+from tests.estimators import brute  # noqa: E402
 
 VOCAB, LABELS, SEQ = 50, 3, 7
 # relative error counted as exact in float64 (float32 rotary tables inside a float64 model,
@@ -166,24 +168,19 @@ def make_batch(kind: str, n: int, seed: int) -> Any:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def per_sample_gradients(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``[N, P]`` gradients of each sample's cross-entropy over the trainable parameters, by
-    plain reverse mode with one sample per forward (brute force)."""
-    b = as_batch(batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(b)):
-        one = b.select(torch.tensor([i]))
-        loss = per_sample_loss(forward_logits(model, one.inputs), one.labels).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]))
-    return torch.stack(rows)
-
-
 def reference_values(model: nn.Module, train: Any, val: Any) -> torch.Tensor:
-    """Brute-force Ghost values ``[N_train]``: ``g_j . sum_z g_z``."""
-    return per_sample_gradients(model, train) @ per_sample_gradients(model, val).sum(0)
+    """Brute-force Ghost values ``[N_train]``: ``g_j . sum_z g_z``, with per-sample gradients
+    by plain reverse mode, one sample per forward (``tests/estimators/brute.py``, the
+    reference the test suite uses)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(b: Any) -> torch.Tensor:
+        if isinstance(b, dict):
+            return brute.per_sample_grads_autograd(model, names, brute.strip(b), b["labels"],
+                                                   kwargs=True)
+        return brute.per_sample_grads_autograd(model, names, b[0], b[1])
+
+    return grads(train) @ grads(val).sum(0)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

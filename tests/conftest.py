@@ -1,8 +1,10 @@
 """Shared fixtures: the local data folder (skip when absent) and config composition."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 # no test may touch the network: make Hugging Face fail fast instead of retrying for ~20 s
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +19,14 @@ from lai.config import register_configs
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register_configs()
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data_dir() -> Path | None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 def test_bench_smoke(tmp_path):
@@ -40,13 +40,7 @@ def test_bench_smoke(tmp_path):
 
 
 def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_online",
-                                                  ROOT / "scripts" / "bench_online.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_online")
 
 
 def test_bench_sizes_build_the_named_models():
@@ -230,12 +224,7 @@ def test_a_training_step_leaves_no_tensor_in_reference_cycles(setup, method):
 
 def test_profile_step_prints_dispatch_and_a_profile(capsys):
     """scripts/profile_step.py (the README's profile figures) keeps working with the bench."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("profile_step",
-                                                  ROOT / "scripts" / "profile_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("profile_step")
     mod.main(["bert:lai", "--device", "cpu", "--batch", "2", "--steps", "1", "--rows", "3"])
     out = capsys.readouterr().out
     assert "== bert lai: host dispatch" in out and "Self CPU" in out

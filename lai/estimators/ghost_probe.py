@@ -42,6 +42,8 @@ from torch import nn
 
 from lai.batching import Batch, logits_of
 from lai.estimators.capture import fp32_math
+from lai.estimators.custom_function_jvp import custom_function_jvps
+from lai.estimators.forward_fastpaths import ForwardFastPaths
 
 # type -> probe(module, input, tangents by parameter name) -> d s / d eps (same shape as s);
 # module_jvp, the replay probe, takes (module, args, kwargs, tangents) instead
@@ -121,16 +123,13 @@ def replay(m: nn.Module, args: tuple, kwargs: dict, t: dict
     """The *replay* probe's computation, for a module without a closed-form probe: the
     derivative of its output along the tangents ``t`` of its own parameters, its inputs held
     fixed, by forward-mode AD through its own ``forward`` (``m.forward``: no hooks run) on
-    the inputs it was called with. Linearity in the parameters is not needed: ``<g_j, d s_j/d theta . t>`` is sample
-    j's share of ``<g_V, grad ell_j>`` for any module whose output rows are per sample (the
-    probe identity needs only the chain rule). Output: the shape of the module's output.
+    the inputs it was called with. Linearity in the parameters is not needed:
+    ``<g_j, d s_j/d theta . t>`` is sample j's share of ``<g_V, grad ell_j>`` for any module
+    whose output rows are per sample (the probe identity needs only the chain rule). Output: the shape of the module's output.
     Runs under the forward form's correctness handlers (fused attention, embeddings' padding
     rows, custom Functions without jvp). Returns ``(output, tangent)``: the replayed output,
     which must equal the one the forward gave (a module drawing random numbers or keeping
     state would not; :func:`probe_capture` checks it when asked), and its tangent."""
-    from lai.estimators.custom_function_jvp import custom_function_jvps
-    from lai.estimators.forward_fastpaths import ForwardFastPaths
-
     swapped = {}
     with fwAD.dual_level():
         try:

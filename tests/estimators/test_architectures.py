@@ -4,16 +4,11 @@ where it runs, equals the forward form; LAI's folded and pairwise caches agree, 
 refuses with its clear error for layers whose rows are not per sample."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "check_architectures", ROOT / "scripts" / "check_architectures.py")
-arch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(arch)
+arch = load_script("check_architectures")
 
 # the probe form must apply to these (closed-form probes, the replay probe for Hugging Face
 # RMSNorm classes and OPT's position embedding, a custom Function in BLOOM)

@@ -1,7 +1,6 @@
 """Figure 1's pipeline: the batched Shapley path, scripts/fidelity.py, and plot_fig1."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -16,19 +15,11 @@ from lai.fidelity.shapley import (SGDStepGame, generic_val_loss, gpt_neo_val_los
                                   permutation_shapley, permutation_shapley_many,
                                   sgd_step_utility)
 from lai.models import build_model
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import compose_cfg, load_script
 from tests.estimators.nets import MLP
 from tests.fidelity.test_shapley import random_game
 
 PROXIES = ("lai", "ghost", "lli")
-
-
-def load_script():
-    path = ROOT / "scripts" / "fidelity.py"
-    spec = importlib.util.spec_from_file_location("fidelity_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_gpt_neo(seed: int = 0) -> torch.nn.Module:
@@ -115,7 +106,7 @@ def test_sgd_step_game_equals_sgd_step_utility_gpt_neo():
 # ---- scripts/fidelity.py ---------------------------------------------------------------------
 
 def test_fidelity_script_tiny_run(data_dir, tmp_path):
-    script = load_script()
+    script = load_script("fidelity")
     out = tmp_path / "fig1" / "fidelity.json"
     threads = torch.get_num_threads()
     try:  # a tiny workload: threads only add synchronisation (and contend on a busy machine)
@@ -154,7 +145,7 @@ def test_fidelity_script_tiny_run(data_dir, tmp_path):
 
 
 def test_paper_scale_parses_and_fails_clearly_offline(tmp_path):
-    script = load_script()
+    script = load_script("fidelity")
     args = script.parse_args(["--scale", "paper"])
     assert (args.model, args.steps, args.every, args.permutations) == \
         ("gpt_neo_125m", 10000, 100, 1000)
@@ -174,7 +165,7 @@ def test_paper_scale_parses_and_fails_clearly_offline(tmp_path):
 
 
 def test_script_rejects_bad_settings():
-    script = load_script()
+    script = load_script("fidelity")
     with pytest.raises(SystemExit):
         script.parse_args(["--every", "100", "--steps", "50"])
     with pytest.raises(SystemExit):
