@@ -90,9 +90,13 @@ class PolicyConfig:
     """What to do with the values: weights per sample (0/1 for filtering)."""
 
     name: str = "threshold"  # threshold | percentile | mean_std | reweight | spl | score_only
+    # | random (the random-drop control)
     threshold: float = 0.0  # threshold: keep samples with value >= threshold
     start_epoch: int = 0  # warm-up: epochs (0-based) before this one train on every sample
-    keep_fraction: float = 0.5  # percentile: keep the top q of each batch
+    keep_fraction: float = 0.5  # percentile: keep the top q of each batch; random: keep each
+    # sample with this probability (unless match is set)
+    match: Optional[str] = None  # random: keep each sample with the kept fraction per epoch of
+    # this run (a run folder, or a method name looked up in results_dir with the same config)
     k: float = 1.0  # mean_std: drop values below mean - k * std of the batch
     temperature: float = 1.0  # reweight: softmax temperature in units of the batch's std
     spl_start_fraction: float = 0.5  # spl: initial lambda = this quantile of the first losses
@@ -122,7 +126,10 @@ class TrainerConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    schedule: str = "constant"  # constant | cosine | linear (per step, after warm-up)
+    schedule: str = "constant"  # constant | cosine | linear (per step, after warm-up) |
+    # warm_restarts (per epoch: cosine cycles of restart_epochs, restart_mult x longer each)
+    restart_epochs: int = 10  # warm_restarts: the first cycle's length in epochs (T_0)
+    restart_mult: int = 2  # warm_restarts: each cycle this many times the last one (T_mult)
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     max_steps: Optional[int] = None  # stop after this many optimizer steps (all epochs)
@@ -167,7 +174,7 @@ class Config:
     results_dir: str = "results/runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    run_name: Optional[str] = None  # folder name prefix; default <dataset>-<estimator>-s<seed>
+    run_name: Optional[str] = None  # method folder name; default the estimator (runner.method_label)
     save_scores: bool = False  # write per-sample values and keep decisions per epoch
     extra: Any = None  # free-form user notes, copied into the record
 
@@ -192,10 +199,11 @@ _CHOICES = {
     "trainer.strategy": ("one_pass", "two_pass"),
     "estimator.cache": ("auto", "folded", "pairwise"),
     "estimator.val_mode": ("eval", "train"),
-    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl", "score_only"),
+    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl", "score_only",
+                    "random"),
     "runner.name": ("online", "two_round"),
     "trainer.optimizer": ("sgd", "adam", "adamw"),
-    "trainer.schedule": ("constant", "cosine", "linear"),
+    "trainer.schedule": ("constant", "cosine", "linear", "warm_restarts"),
     "logger.name": ("jsonl", "wandb"),
     "dataset.val_source": ("holdout", "split"),
     "trainer.precision": ("fp32", "bf16"),
@@ -249,6 +257,10 @@ def validate(cfg: Any) -> None:
     if (est == "spl") != (pol == "spl"):
         raise ConfigError("estimator=spl and policy=spl go together (SPL's value is -loss); "
                           f"got estimator={est} policy={pol}")
+    _policy(cfg)  # the policy's own checks (ranges of its options), as ConfigErrors
+    if cfg.policy.get("match") is not None and pol != "random":
+        raise ConfigError(f"policy.match applies to policy=random (the random-drop control), "
+                          f"not policy={pol}")
     if cfg.estimator.precondition == "adam" and cfg.trainer.optimizer not in ("adam", "adamw"):
         raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
     if cfg.estimator.ghost_mode == "probe" and est == "ghost" and not (
@@ -282,6 +294,8 @@ def validate(cfg: Any) -> None:
         (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
          "trainer.max_steps must be >= 1"),
         (cfg.trainer.warmup_steps >= 0, "trainer.warmup_steps must be >= 0"),
+        (cfg.trainer.get("restart_epochs", 10) >= 1 and cfg.trainer.get("restart_mult", 2) >= 1,
+         "trainer.restart_epochs and trainer.restart_mult must be >= 1"),
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (cfg.trainer.get("checkpoint_every", 0) >= 0, "trainer.checkpoint_every must be >= 0"),
         (all(int(s) >= 1 for s in cfg.trainer.eval_at_steps),

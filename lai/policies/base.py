@@ -36,6 +36,10 @@ class Policy(ABC):
     # every sample gets weight 1 whatever its value (scoring without curation): the trainer
     # may then take values that exist only after the backward (Ghost's probe form)
     keeps_all_unweighted: bool = False
+    # False: the weights do not depend on the values (the random-drop control); with
+    # estimator=vanilla the trainer then takes the policy's own values (:meth:`own_values`)
+    # and runs no estimator
+    needs_values: bool = True
 
     def __init__(self, start_epoch: int = 0):
         if isinstance(start_epoch, float) and not float(start_epoch).is_integer():
@@ -63,6 +67,19 @@ class Policy(ABC):
         depend on the values (``None`` otherwise). ``two_pass`` then picks the kept rows on
         the device, without waiting for the count."""
         return None
+
+    def prepare(self, cfg: Any) -> None:
+        """Bind the policy to the run the composed config ``cfg`` describes, before training
+        (the random control reads its seed and its matched run here). Default: nothing."""
+
+    def own_values(self, batch_size: int, step: int, device: torch.device) -> torch.Tensor:
+        """``[batch_size]`` values of a policy that needs none (``needs_values`` False); they
+        are recorded as the batch's values. Only such policies implement it."""
+        raise NotImplementedError(f"policy {self.name!r} needs values from an estimator")
+
+    def record(self) -> dict:
+        """What the run's summary should say about the policy beyond its config (JSON-able)."""
+        return {}
 
     @abstractmethod
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from lai.config import PolicyConfig
 from lai.policies.base import Policy
 from lai.policies.mean_std import MeanStdPolicy
 from lai.policies.percentile import PercentilePolicy
+from lai.policies.random_drop import RandomDropPolicy
 from lai.policies.reweight import ReweightPolicy
 from lai.policies.score_only import ScoreOnlyPolicy
 from lai.policies.spl import SPLPolicy
@@ -16,7 +17,7 @@ from lai.policies.threshold import ThresholdPolicy
 POLICIES: Dict[str, Type[Policy]] = {
     cls.name: cls
     for cls in (ThresholdPolicy, PercentilePolicy, MeanStdPolicy, ReweightPolicy, SPLPolicy,
-                ScoreOnlyPolicy)
+                ScoreOnlyPolicy, RandomDropPolicy)
 }
 CONFIG_FIELDS = tuple(f.name for f in fields(PolicyConfig) if f.name != "name")
 
@@ -26,7 +27,7 @@ def build_policy(name: str, **kwargs: Any) -> Policy:
 
     ``kwargs`` may hold any ``PolicyConfig`` field (``threshold``, ``start_epoch``,
     ``keep_fraction``, ``k``, ``temperature``, ``spl_start_fraction``, ``spl_lambda``,
-    ``spl_growth``); fields another policy uses are ignored, missing ones take the
+    ``spl_growth``, ``match``); fields another policy uses are ignored, missing ones take the
     constructor's default (= the ``PolicyConfig`` default). Unknown keys raise TypeError,
     unknown names ValueError.
     """

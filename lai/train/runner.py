@@ -17,6 +17,7 @@ from lai.data import build_data, needs_tokenizer, resolve_data_dir
 from lai.estimators.registry import build_estimator
 from lai.models import build_model, build_tokenizer
 from lai.policies import build_policy_from_config
+from lai.policies.matching import is_path
 from lai.train.loop import Trainer, peak_memory_mb
 from lai.data.checksums import dataset_folders, verify_files
 from lai.train.distributed import init_from_env
@@ -78,6 +79,21 @@ def check_classes(cfg: DictConfig, model: torch.nn.Module, data) -> None:
                           f"{cfg.dataset.name} has {data.num_classes} classes")
 
 
+def method_label(cfg: DictConfig) -> str:
+    """The run folder's method name: ``run_name``, else the estimator's name; a random-drop
+    control is ``random-<matched method>`` (``random-matched`` for a matched run folder,
+    ``random-p<keep_fraction>`` unmatched), prefixed ``<estimator>-`` when one is scoring."""
+    if cfg.run_name:
+        return str(cfg.run_name)
+    if cfg.policy.name != "random":
+        return str(cfg.estimator.name)
+    match = cfg.policy.get("match")
+    tag = (f"p{float(cfg.policy.keep_fraction):g}" if match is None
+           else "matched" if is_path(str(match)) else str(match))
+    prefix = "" if cfg.estimator.name == "vanilla" else f"{cfg.estimator.name}-"
+    return f"{prefix}random-{tag}"
+
+
 def run_experiment(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config; returns the summary (also on disk).
 
@@ -95,7 +111,7 @@ def run_experiment(cfg: DictConfig) -> dict:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     identity = config_hash(cfg)
-    run_dir = run_dir_for(cfg.results_dir, cfg.dataset.name, cfg.run_name or cfg.estimator.name,
+    run_dir = run_dir_for(cfg.results_dir, cfg.dataset.name, method_label(cfg),
                           seed=cfg.seed, identity=identity)
     done = completed_summary(run_dir)
     if done is not None:
@@ -132,6 +148,7 @@ def run_experiment(cfg: DictConfig) -> dict:
                                     forward_fastpaths=cfg.estimator.get("forward_fastpaths",
                                                                         True))
         policy = build_policy_from_config(cfg.policy)
+        policy.prepare(cfg)  # e.g. the random control reads its matched run's record
 
     else:
         estimator = policy = None
@@ -199,10 +216,12 @@ def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model
                          peak_memory_kind=kind, **{k: v for k, v in info.items() if k != "data"})
         recorder.close()
         raise
-    result = recorder.summary(dataset=cfg.dataset.name, model=cfg.model.name,
+    result = recorder.summary(dataset=cfg.dataset.name, method=method_label(cfg),
+                              model=cfg.model.name,
                               estimator=cfg.estimator.name, policy=cfg.policy.name,
-                              runner=cfg.runner.name, seed=cfg.seed, **summary, **{k: v for k, v in info.items()
-                                                           if k != "data"})
+                              runner=cfg.runner.name, seed=cfg.seed, **summary,
+                              **(policy.record() if policy is not None else {}),
+                              **{k: v for k, v in info.items() if k != "data"})
     recorder.close()
     if record:
         ckpt.unlink(missing_ok=True)  # completed: summary.json is the record from now on

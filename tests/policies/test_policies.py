@@ -11,11 +11,13 @@ from omegaconf import OmegaConf
 
 import lai.policies.base as base_mod
 from lai.config import PolicyConfig
-from lai.policies import (POLICIES, MeanStdPolicy, PercentilePolicy, Policy, ReweightPolicy,
-                          SPLPolicy, ThresholdPolicy, build_policy, build_policy_from_config)
+from lai.policies import (POLICIES, MeanStdPolicy, PercentilePolicy, Policy, RandomDropPolicy,
+                          ReweightPolicy, SPLPolicy, ThresholdPolicy, build_policy,
+                          build_policy_from_config)
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "policy"
-ALL = [ThresholdPolicy, PercentilePolicy, MeanStdPolicy, ReweightPolicy, SPLPolicy]
+ALL = [ThresholdPolicy, PercentilePolicy, MeanStdPolicy, ReweightPolicy, SPLPolicy,
+       RandomDropPolicy]
 
 
 def _check(w: torch.Tensor, v: torch.Tensor) -> None:
@@ -204,7 +206,7 @@ def test_bad_parameters_raise(cls, kwargs):
 # ---- factory ----------------------------------------------------------------------------
 def test_build_policy_names_and_old_signature():
     assert set(POLICIES) == {"threshold", "percentile", "mean_std", "reweight", "spl",
-                             "score_only"}
+                             "score_only", "random"}
     p = build_policy("threshold", threshold=0.5, start_epoch=2)
     assert isinstance(p, ThresholdPolicy) and (p.threshold, p.start_epoch) == (0.5, 2)
     # the runner passes threshold to every policy: irrelevant fields are ignored
