@@ -5,18 +5,29 @@ training sample on the final model, in eval mode and without augmentation, again
 validation split. Samples with value < ``runner.threshold`` are removed, and round 2 retrains
 from a fresh initialisation with the same config on the rest.
 
-Written into the run folder: both rounds' records in ``metrics.jsonl`` (field ``round``),
-``static_scores.npy`` (float32 ``[N]``, positive = helps), ``removed_indices.npy``, and a
-summary with round 2's metrics at the top level plus the removal statistics.
+Round 1 does not depend on the static estimator: every static method with the same data,
+model, trainer and seed trains the same round 1. The first such run stores its final model
+(and TRAK's checkpoints) in ``<results_dir>/.round1/``; the others load it instead of training
+it again (their summary's ``round1_from`` says so). The stored model is the state a fresh round
+1 would reach in this process (same seed, same data order).
+
+Written into the run folder: both rounds' records in ``metrics.jsonl`` (field ``round``; a
+reused round 1 has one ``round1_reused`` line), ``static_scores.npy`` (float32 ``[N]``,
+positive = helps), ``removed_indices.npy``, and a summary with round 2's metrics at the top
+level plus the removal statistics.
 """
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lai.batching import Batch
@@ -26,7 +37,7 @@ from lai.estimators.static import static_values
 from lai.policies.threshold import ThresholdPolicy
 from lai.train.loop import Trainer
 from lai.train.noisy import detection_metrics
-from lai.train.records import RunRecorder
+from lai.train.records import RunRecorder, _jsonable, config_hash
 
 
 def _batches(split: TensorSplit, rows: torch.Tensor, data: DataBundle, device: torch.device,
@@ -53,18 +64,58 @@ def static_options(cfg: DictConfig, checkpoints: list[dict]) -> dict:
     return {}
 
 
+def round1_path(cfg: DictConfig, ckpt_epochs: set[int]) -> Path:
+    """Where round 1 of this config is stored: keyed by everything but the estimator, the
+    policy, the runner and the run's name, and by the checkpoint epochs kept."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("estimator", "policy", "runner", "run_name", "save_scores"):
+        plain.pop(key, None)
+    plain["checkpoint_epochs"] = sorted(ckpt_epochs)
+    key = config_hash(plain)
+    return Path(cfg.results_dir) / ".round1" / f"{cfg.dataset.name}-{key}-s{cfg.seed}.pt"
+
+
+def _round1(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn.Module],
+            device: torch.device, recorder: RunRecorder, ckpt_epochs: set[int]
+            ) -> tuple[nn.Module, list[dict], dict, str | None]:
+    """``(model, checkpoints, summary, reused from)``: round 1 loaded from the store when an
+    earlier static run trained it, else trained here and stored (atomically; a file lock
+    makes a concurrent run with the same round 1 wait for it instead of training it too)."""
+    path = round1_path(cfg, ckpt_epochs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model = make_model()
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(stored["model"])
+            summary = json.loads(stored["summary"])
+            recorder.log("round1_reused", source=str(path), **{
+                k: summary[k] for k in ("final_test_acc", "wall_time_s")})
+            return model, stored["checkpoints"], summary, str(path)
+        recorder.context = {"round": 1}
+        r1 = Trainer(model, data, VanillaEstimator(), ThresholdPolicy(), cfg.trainer,
+                     cfg.estimator, device, recorder, seed=cfg.seed,
+                     checkpoint_epochs=ckpt_epochs)
+        summary = r1.fit()
+        tmp = f"{path}.tmp"
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "checkpoints": r1.checkpoints, "summary": json.dumps(_jsonable(summary))},
+                   tmp)
+        os.replace(tmp, path)
+        return model, r1.checkpoints, summary, None
+
+
 def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn.Module],
                   device: torch.device, recorder: RunRecorder) -> dict:
-    """Round 1, static scoring, removal, round 2; returns the summary fields."""
+    """Round 1 (trained, or loaded from the store), static scoring, removal, round 2;
+    returns the summary fields."""
     tcfg = cfg.trainer
     keep_ckpt = cfg.estimator.trak_checkpoints if cfg.estimator.name == "trak" else 0
     ckpt_epochs = set(range(max(0, tcfg.epochs - keep_ckpt), tcfg.epochs))
 
-    recorder.context = {"round": 1}
-    model = make_model()
-    r1 = Trainer(model, data, VanillaEstimator(), ThresholdPolicy(), tcfg, cfg.estimator, device,
-                 recorder, seed=cfg.seed, checkpoint_epochs=ckpt_epochs)
-    s1 = r1.fit()
+    model, checkpoints, s1, reused = _round1(cfg, data, make_model, device, recorder,
+                                             ckpt_epochs)
 
     t0 = time.perf_counter()
     model.eval()
@@ -80,7 +131,7 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
         cfg.estimator.name, model, _batches(data.train, torch.arange(n), data, device, size),
         _batches(data.val, val_rows, data, device, size),
         _batches(data.train, hess_rows, data, device, tcfg.batch_size),
-        **static_options(cfg, r1.checkpoints))
+        **static_options(cfg, checkpoints))
     values = values.detach().float().cpu().numpy()
     scoring_s = time.perf_counter() - t0
     removed = np.flatnonzero(values < cfg.runner.threshold)
@@ -107,4 +158,5 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
     s2["kept_fraction"] = len(kept_rows) / n
     s2["round1"] = {k: s1[k] for k in ("final_test_acc", "best_test_acc", "final_val_loss",
                                        "wall_time_s", "samples_per_epoch")}
+    s2["round1_from"] = reused  # None: trained in this run
     return {**s2, **stats}

@@ -57,3 +57,31 @@ def test_static_and_runner_must_match():
         validate(compose_cfg("estimator=ip", "runner=online"))
     with pytest.raises(ConfigError, match="runner=online"):
         validate(compose_cfg("estimator=lai", "runner=two_round"))
+
+
+def test_round1_is_shared_by_static_methods_and_changes_nothing(tiny_overrides, tmp_path):
+    """IP then LiSSA on the same data/model/trainer/seed: LiSSA loads IP's round 1 from the
+    store instead of training it, and ends exactly as a LiSSA run that trained its own."""
+    args = ["dataset=digits_n", "trainer.epochs=2", "trainer.eval_every_epoch=false"]
+    ip = run_experiment(compose_cfg(*args, "estimator=ip", *tiny_overrides))
+    lissa = run_experiment(compose_cfg(*args, "estimator=lissa", "estimator.lissa_depth=5",
+                                       *tiny_overrides))
+    assert ip["round1_from"] is None
+    assert lissa["round1_from"] is not None and Path(lissa["round1_from"]).is_file()
+    assert lissa["round1"] == ip["round1"]
+    lines = [json.loads(x) for x in (Path(lissa["run_dir"]) / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [x for x in lines if x["kind"] == "round1_reused"]
+    assert not [x for x in lines if x.get("round") == 1 and x["kind"] == "epoch"]
+    alone = run_experiment(compose_cfg(*args, "estimator=lissa", "estimator.lissa_depth=5",
+                                       f"results_dir={tmp_path / 'alone'}",
+                                       "trainer.progress=false", "device=cpu"))
+    assert alone["round1_from"] is None
+    for key in ("final_test_acc", "removed", "samples_per_epoch", "noisy_auc"):
+        assert alone[key] == lissa[key], key
+    assert np.array_equal(np.load(Path(alone["run_dir"]) / "static_scores.npy"),
+                          np.load(Path(lissa["run_dir"]) / "static_scores.npy"))
+    # another trainer setting is another round 1
+    other = run_experiment(compose_cfg(*args, "estimator=ip", "trainer.lr=0.05",
+                                       *tiny_overrides))
+    assert other["round1_from"] is None
