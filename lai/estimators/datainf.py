@@ -32,6 +32,7 @@ training samples' derivatives are taken in the context of their batch.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -54,6 +55,17 @@ def _sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_sample_loss(logits, labels)[0]
 
 
+# once per call: vmap on the first _TRIAL_ROWS rows, timed against a loop over _TIMED_ROWS
+_TRIAL_ROWS, _TIMED_ROWS = 8, 2
+
+
+def _now(like: torch.Tensor) -> float:
+    """Wall time after the device has finished its queued work."""
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 def per_sample_gradient_chunks(
     model: nn.Module, batches: Sequence[Batch], chunk_size: int = 64,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _sample_loss,
@@ -66,7 +78,9 @@ def per_sample_gradient_chunks(
     raises (data-dependent control flow, e.g. Hugging Face masks) it falls back to a loop of
     ``torch.func.grad`` over the samples, for this and all later chunks, and where
     ``torch.func`` cannot transform the model at all (an old-style custom
-    ``autograd.Function``, e.g. BLOOM's GeLU) to plain reverse mode, one sample at a time. The model's mode is
+    ``autograd.Function``, e.g. BLOOM's GeLU) to plain reverse mode, one sample at a time.
+    Once per call, vmap on the first rows is timed against a loop over the next few; when the
+    loop is faster per row (e.g. convolutions on a CPU) the rest uses it. The model's mode is
     used: BatchNorm layers in train mode normalise each sample by its own statistics (as a
     batch of one, running statistics neither used nor updated; in eval mode they use their
     running statistics, the textbook per-sample gradient). Buffers are restored when the
@@ -90,51 +104,87 @@ def per_sample_gradient_chunks(
             for start in range(0, len(batch), chunk_size):
                 yield batch.select(torch.arange(start, min(len(batch), start + chunk_size)))
 
+    def split(chunk: Batch) -> tuple[Any, dict]:
+        inputs = chunk.inputs
+        if isinstance(inputs, Mapping):
+            return ({k: v for k, v in inputs.items() if torch.is_tensor(v)},
+                    {k: v for k, v in inputs.items() if not torch.is_tensor(v)})
+        return inputs, {}
+
+    def loss(p: dict, x: Any, y: torch.Tensor, const: dict) -> torch.Tensor:
+        state_dicts = (p, stats) if stats else p
+        if isinstance(x, Mapping):
+            kw = {k: v.unsqueeze(0) for k, v in x.items()}
+            kw.update(const)
+            out = functional_call(model, state_dicts, args=(), kwargs=kw)
+        else:
+            out = functional_call(model, state_dicts, (x.unsqueeze(0),))
+        return loss_fn(logits_of(out), y.unsqueeze(0))
+
+    def by_vmap(chunk: Batch) -> dict[str, torch.Tensor] | None:
+        """The chunk's gradients by vmap; None (and vmap off from now on) where it fails."""
+        batched, const = split(chunk)
+        try:
+            return vmap(lambda p, x, y: grad(loss)(p, x, y, const), in_dims=(None, 0, 0),
+                        randomness="different")(params, batched, chunk.labels)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            state["vmap"] = False
+            return None
+
+    def by_loop(chunk: Batch) -> dict[str, torch.Tensor]:
+        batched, const = split(chunk)
+        rows = []
+        for i in range(len(chunk)):
+            x = ({k: v[i] for k, v in batched.items()} if isinstance(batched, Mapping)
+                 else batched[i])
+            if state["func"]:
+                try:
+                    rows.append(grad(loss)(params, x, chunk.labels[i], const))
+                    continue
+                except RuntimeError as e:
+                    # an old-style custom autograd.Function (no setup_context, e.g.
+                    # BLOOM's GeLU) refuses every torch.func transform
+                    if "setup_context" not in str(e):
+                        raise
+                    state["func"] = False
+            rows.append(_reverse_mode_gradient(
+                lambda p, x_, y_: loss(p, x_, y_, const), named, x, chunk.labels[i]))
+        return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+    def timed_trial(chunk: Batch) -> dict[str, torch.Tensor] | None:
+        """vmap's batched rules can be far slower than a loop (convolutions on a CPU: ~20x
+        at 64 rows). Once: time vmap on the first rows and the loop on the next few, then
+        finish the chunk (and later ones) the faster way; same gradients to rounding."""
+        state["timed"] = True
+        n = len(chunk)
+        head, mid, rest = (torch.arange(0, _TRIAL_ROWS), torch.arange(_TRIAL_ROWS, _TRIAL_ROWS
+                           + _TIMED_ROWS), torch.arange(_TRIAL_ROWS + _TIMED_ROWS, n))
+        t0 = _now(chunk.labels)
+        g_head = by_vmap(chunk.select(head))
+        if g_head is None:
+            return None
+        per_row_vmap = (_now(chunk.labels) - t0) / len(head)
+        t1 = _now(chunk.labels)
+        g_mid = by_loop(chunk.select(mid))
+        state["vmap"] = per_row_vmap <= (_now(chunk.labels) - t1) / len(mid)
+        parts = [g_head, g_mid]
+        if len(rest):
+            sub = chunk.select(rest)
+            parts.append((by_vmap(sub) if state["vmap"] else None) or by_loop(sub))
+        return {k: torch.cat([p[k] for p in parts]) for k in params}
+
     with preserved_buffers(model), torch.enable_grad():
         for chunk in chunks():
-            inputs = chunk.inputs
-            if isinstance(inputs, Mapping):
-                batched = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
-                const = {k: v for k, v in inputs.items() if not torch.is_tensor(v)}
-            else:
-                batched, const = inputs, {}
-
-            def loss(p: dict, x: Any, y: torch.Tensor) -> torch.Tensor:
-                state_dicts = (p, stats) if stats else p
-                if isinstance(x, Mapping):
-                    kw = {k: v.unsqueeze(0) for k, v in x.items()}
-                    kw.update(const)
-                    out = functional_call(model, state_dicts, args=(), kwargs=kw)
-                else:
-                    out = functional_call(model, state_dicts, (x.unsqueeze(0),))
-                return loss_fn(logits_of(out), y.unsqueeze(0))
-
             g = None
-            if state["vmap"]:
-                try:
-                    g = vmap(grad(loss), in_dims=(None, 0, 0),
-                             randomness="different")(params, batched, chunk.labels)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except (RuntimeError, NotImplementedError, ValueError, TypeError):
-                    state["vmap"] = False
+            if state["vmap"] and "timed" not in state and \
+                    len(chunk) > _TRIAL_ROWS + _TIMED_ROWS:
+                g = timed_trial(chunk)
+            if g is None and state["vmap"]:
+                g = by_vmap(chunk)
             if g is None:
-                rows = []
-                for i in range(len(chunk)):
-                    x = ({k: v[i] for k, v in batched.items()} if isinstance(batched, Mapping)
-                         else batched[i])
-                    if state["func"]:
-                        try:
-                            rows.append(grad(loss)(params, x, chunk.labels[i]))
-                            continue
-                        except RuntimeError as e:
-                            # an old-style custom autograd.Function (no setup_context, e.g.
-                            # BLOOM's GeLU) refuses every torch.func transform
-                            if "setup_context" not in str(e):
-                                raise
-                            state["func"] = False
-                    rows.append(_reverse_mode_gradient(loss, named, x, chunk.labels[i]))
-                g = {n: torch.stack([r[n] for r in rows]) for n in params}
+                g = by_loop(chunk)
             yield {n: g[n].detach() for n in params}
 
 

@@ -123,3 +123,40 @@ def test_datainf_train_mode_batchnorm_runs_and_restores():
     assert v.shape == (6,) and torch.isfinite(v).all()
     assert_unchanged(model, before)
     assert model.training
+
+
+@pytest.mark.parametrize("loop_faster", [True, False])
+def test_per_sample_gradients_same_whichever_way_the_timing_picks(monkeypatch, loop_faster):
+    """After the first vmap chunk a few rows are timed as a loop; the faster way serves the
+    later chunks, and the gradients are the same either way (and equal to brute force)."""
+    import itertools
+
+    import lai.estimators.datainf as di
+    from lai.batching import Batch
+
+    torch.manual_seed(0)
+    model = CNN().eval()
+    x, y = torch.randn(24, 3, 10, 10), torch.randint(0, 4, (24,))
+    # the clock's readings: before/after vmap on the first 8 rows, before/after the 2 timed
+    # loop rows; per row, vmap takes 10 and the loop 1 (or the other way round)
+    v_row, l_row = (10.0, 1.0) if loop_faster else (1.0, 10.0)
+    readings = itertools.chain([0.0, 8 * v_row, 8 * v_row, 8 * v_row + 2 * l_row],
+                               itertools.repeat(0.0))
+    monkeypatch.setattr(di, "_now", lambda like: next(readings))
+    calls = {"vmap": 0}
+    real_vmap = di.vmap
+
+    def counting_vmap(*a, **k):
+        calls["vmap"] += 1
+        return real_vmap(*a, **k)
+
+    monkeypatch.setattr(di, "vmap", counting_vmap)
+    chunks = list(di.per_sample_gradient_chunks(model, [Batch(x, y, torch.arange(24))],
+                                                chunk_size=12))
+    # vmap: the trial rows only; or the trial, the first chunk's rest and the second chunk
+    assert calls["vmap"] == (1 if loop_faster else 3)
+    names = [n for n, _ in model.named_parameters()]
+    got = torch.cat([torch.cat([c[n].reshape(c[n].shape[0], -1) for n in names], 1)
+                     for c in chunks])
+    ref = brute.per_sample_grads(model, names, x, y)
+    assert rel_err(got, ref) < REL
