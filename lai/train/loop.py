@@ -71,6 +71,8 @@ class EpochStats:
     kept: int = 0
     steps: int = 0
     skipped_steps: int = 0
+    noisy_loss_sum: float = 0.0  # summed loss / count of the samples whose label is noisy
+    noisy_seen: int = 0
 
 
 @dataclass
@@ -92,6 +94,7 @@ class PendingSteps:
     keep: list = field(default_factory=list)
     idx: list = field(default_factory=list)
     all_kept_idx: list = field(default_factory=list)  # unscored steps, when scores are saved
+    noisy_losses: list = field(default_factory=list)  # [loss sum, count] of noisy samples
 
 
 class RegionTimer:
@@ -158,6 +161,9 @@ class Trainer:
         self.scoring = not isinstance(estimator, VanillaEstimator)
         self.self_influence = bool(estimator_cfg.self_influence)
         self.noisy = np.asarray(data.noisy, dtype=bool) if data.noisy is not None else None
+        # on the device: each step sums the losses of its noisy-label samples without a sync
+        self._noisy_t = (torch.as_tensor(self.noisy, device=device)
+                         if self.noisy is not None else None)
         self.opt: torch.optim.Optimizer | None = None
         self.checkpoint_epochs = checkpoint_epochs or set()
         self.checkpoints: list[dict] = []  # CPU state_dicts at the end of checkpoint_epochs
@@ -285,7 +291,9 @@ class Trainer:
     def _step(self, raw: Batch, epoch: int, step: int) -> None:
         """One optimizer step on ``raw`` (on the device); what it records stays pending on the
         device until :meth:`_flush`."""
-        score_now = self.scoring and self.policy.active(epoch)
+        # a policy that needs no values (the random control) runs without an estimator too
+        own_values = not self.scoring and not self.policy.needs_values
+        score_now = (self.scoring or own_values) and self.policy.active(epoch)
         batch = Batch(self._prepare(raw.inputs, True), raw.labels, raw.idx)
         # train mode for every module, set by the first step; later steps find it set unless
         # something switched the model (evaluation, a refresh in eval mode: both switch and
@@ -294,14 +302,16 @@ class Trainer:
             self.model.train()
             self._in_train_mode = True
         values = weights = keep = None
-        two_pass = score_now and self.cfg.strategy == "two_pass"
+        two_pass = score_now and self.scoring and self.cfg.strategy == "two_pass"
         # values that exist only after the training backward (Ghost's probe form)
         late = score_now and getattr(self.est, "scores_after_backward", False)
         if score_now and self.self_influence:
             self._refresh(batch)
-        if not score_now:
+        if not score_now or own_values:
             with self._autocast():
                 logits = forward_logits(self.fwd_model, batch.inputs)
+            if score_now:
+                values = self.policy.own_values(len(batch), step, logits.device)
         elif late:
             with self.est.capture(self.model, batch) as cap:
                 with self._autocast():
@@ -352,6 +362,9 @@ class Trainer:
         p.steps += 1
         p.seen += b
         p.losses.append(losses.detach().sum())
+        if self._noisy_t is not None and raw.idx is not None:
+            nz = self._noisy_t[raw.idx.to(self._noisy_t.device)].to(losses.dtype)
+            p.noisy_losses.append(torch.stack([(losses.detach() * nz).sum(), nz.sum()]))
         if values is not None:
             p.values.append(values.detach())
             p.keep.append(keep)
@@ -382,6 +395,11 @@ class Trainer:
                                                dtype=torch.float64)).tolist()
             loss_sum, kept, p.seen, value_sum, value_n = sums[0], int(sums[1]), int(sums[2]), \
                 sums[3], sums[4]
+        noisy_sum, noisy_n = (torch.stack(p.noisy_losses).double().sum(0).tolist()
+                              if p.noisy_losses else (0.0, 0.0))
+        if self.dist.enabled and self._noisy_t is not None:
+            noisy_sum, noisy_n = self.dist.sum_(torch.tensor([noisy_sum, noisy_n],
+                                                             dtype=torch.float64)).tolist()
         value_mean = value_sum / value_n if value_n else None
         if not math.isfinite(loss_sum):
             self._diverged(epoch, step, p.steps, loss_sum)
@@ -392,6 +410,8 @@ class Trainer:
         stats.kept += kept
         stats.steps += p.steps
         stats.skipped_steps += p.skipped
+        stats.noisy_loss_sum += noisy_sum
+        stats.noisy_seen += int(noisy_n)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_sum / p.seen:.3f}", kept=f"{kept}/{p.seen}")
         self.rec.log("step", step=step, epoch=epoch, lr=self.sched.get_last_lr()[0],
@@ -399,7 +419,7 @@ class Trainer:
                      skipped_steps=p.skipped, value_mean=value_mean)
 
     # ---- set-up ----------------------------------------------------------------------
-    def setup(self, total_steps: int) -> None:
+    def setup(self, total_steps: int, steps_per_epoch: int = 1) -> None:
         """Optimizer, schedule over ``total_steps``, empty records: what :meth:`_step` needs
         (``fit`` calls it; so does the benchmark, which drives ``_step`` itself)."""
         self.opt = build_optimizer(self.model, self.cfg)
@@ -413,7 +433,7 @@ class Trainer:
                     self.cfg.strategy == "one_pass" and self.policy.keeps_all_unweighted))
             finally:
                 self.model.train(was_training)
-        self.sched = build_scheduler(self.opt, self.cfg, total_steps)
+        self.sched = build_scheduler(self.opt, self.cfg, total_steps, steps_per_epoch)
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(self.device)
         self._new_epoch()
@@ -433,7 +453,7 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, int(cfg.max_steps))
-        self.setup(total)
+        self.setup(total, steps_per_epoch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
@@ -514,6 +534,14 @@ class Trainer:
                    "kept_fraction": stats.kept / max(1, stats.seen),
                    "skipped_steps": stats.skipped_steps,
                    "elapsed_s": time.perf_counter() - t_start}
+            if self.noisy is not None and stats.seen > 0:
+                # how far the model fits the labels it is given: memorised noisy labels
+                # have a training loss near the clean ones' (measured at each forward)
+                clean_n = stats.seen - stats.noisy_seen
+                row["train_loss_noisy"] = (stats.noisy_loss_sum / stats.noisy_seen
+                                           if stats.noisy_seen else None)
+                row["train_loss_clean"] = ((stats.loss_sum - stats.noisy_loss_sum) / clean_n
+                                           if clean_n else None)
             if self.noisy is not None and np.isfinite(self._epoch_values).any():
                 row.update(detection_metrics(self._epoch_values, self._epoch_kept, self.noisy))
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
