@@ -8,12 +8,14 @@
 The sweeps live in ``experiments/<artifact>.yaml`` (see experiments/README.md). An
 ``overrides`` sweep becomes ``python run.py --multirun <overrides> results_dir=<dir>``; a
 ``command`` sweep runs as written. Extra ``key=value`` arguments after ``--`` are appended to
-every run.py sweep (e.g. ``-- data_dir=../shared/data device=cpu``). Exit status: the first
-failing sweep's, after all sweeps were tried.
+every run.py sweep (e.g. ``-- data_dir=../shared/data device=cpu``). A scale may name its
+``launcher`` (``local``: parallel jobs) and ``threads_per_job`` (OMP_NUM_THREADS, unless set).
+Exit status: the first failing sweep's, after all sweeps were tried.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -53,21 +55,32 @@ def sweep_commands(artifact: str, scale: str, launcher: str | None = None,
             continue
         argv = [sys.executable, "run.py", "--multirun", *[str(o) for o in sweep["overrides"]],
                 f"results_dir={entry['results_dir']}", "trainer.progress=false"]
-        if launcher:
-            argv.append(f"hydra/launcher={launcher}")
+        if launcher or entry.get("launcher"):
+            argv.append(f"hydra/launcher={launcher or entry['launcher']}")
         commands.append(argv + list(extra or []))
     return commands
+
+
+def sweep_env(artifact: str, scale: str) -> dict[str, str]:
+    """The environment the sweeps run in: the scale's ``threads_per_job`` (e.g. two jobs at
+    one thread each on a 2-core CPU) as OMP_NUM_THREADS, unless the caller set it."""
+    entry = OmegaConf.load(EXPERIMENTS / f"{artifact}.yaml").scales[scale]
+    env = dict(os.environ)
+    if entry.get("threads_per_job") and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(entry.threads_per_job)
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", nargs="?", help="an experiments/<artifact>.yaml name")
-    ap.add_argument("--scale", default="reduced", choices=["reduced", "paper"])
+    ap.add_argument("--scale", default="reduced",
+                    help="reduced | paper | another scale the artifact's file names (paper_code)")
     ap.add_argument("--launcher", default=None, help="a hydra/launcher option (run.py sweeps)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--list", action="store_true", help="list the artifacts")
     ap.add_argument("extra", nargs="*", help="overrides appended to every run.py sweep")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.list or not args.artifact:
         print("\n".join(available()))
         return 0
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             continue
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = subprocess.call(cmd, cwd=ROOT, env=sweep_env(args.artifact, args.scale))
         print(f"# exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         status = status or rc
     return status

@@ -37,13 +37,15 @@ def test_every_artifact_has_both_scales():
     assert run_experiment.available() == ARTIFACTS
     for name in ARTIFACTS:
         spec = OmegaConf.load(ROOT / "experiments" / f"{name}.yaml")
-        assert set(spec.scales) == {"paper", "reduced"}, name
+        assert {"paper", "reduced"} <= set(spec.scales), name
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
-@pytest.mark.parametrize("scale", ["paper", "reduced"])
+@pytest.mark.parametrize("scale", ["paper", "reduced", "paper_code"])
 def test_every_job_composes_and_validates(artifact, scale):
     spec = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / f"{artifact}.yaml"))
+    if scale not in spec["scales"]:
+        pytest.skip(f"{artifact} has no {scale} scale")
     for sweep in spec["scales"][scale]["sweeps"]:
         if "command" in sweep:
             assert (ROOT / sweep["command"][1]).is_file()
@@ -60,7 +62,7 @@ def test_every_job_composes_and_validates(artifact, scale):
 def test_commands_carry_results_dir_and_launcher():
     cmds = run_experiment.sweep_commands("table3", "paper", launcher="submitit_slurm",
                                          extra=["device=cuda"])
-    assert len(cmds) == 1
+    assert len(cmds) == 2  # the methods, then their random controls
     cmd = cmds[0]
     assert cmd[1:3] == ["run.py", "--multirun"]
     assert "results_dir=results/paper/table3" in cmd
