@@ -154,8 +154,8 @@ def per_sample_gradient_chunks(
         return {n: torch.stack([r[n] for r in rows]) for n in params}
 
     def timed_trial(chunk: Batch) -> dict[str, torch.Tensor] | None:
-        """vmap's batched rules can be far slower than a loop (convolutions on a CPU: ~20x
-        at 64 rows). Once: time vmap on the first rows and the loop on the next few, then
+        """vmap's batched rules can be far slower than a loop (convolutions on a CPU, many
+        rows at once). Once: time vmap on the first rows and the loop on the next few, then
         finish the chunk (and later ones) the faster way; same gradients to rounding."""
         state["timed"] = True
         n = len(chunk)
