@@ -544,6 +544,7 @@ class Trainer:
                                            if clean_n else None)
             if self.noisy is not None and np.isfinite(self._epoch_values).any():
                 row.update(detection_metrics(self._epoch_values, self._epoch_kept, self.noisy))
+            row.update(self._kept_classes(epoch))
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 last_eval = self._evaluate()
                 row.update(last_eval)
@@ -590,6 +591,9 @@ class Trainer:
             summary.update(detection_metrics(np.concatenate(all_values),
                                              np.concatenate(all_kept),
                                              np.tile(self.noisy, len(all_values))))
+        collapsed = [r["epoch"] for r in history if r.get("collapsed")]
+        if collapsed:
+            summary["collapsed_epochs"] = collapsed
         if step_evals:
             summary["step_evals"] = step_evals
         if "test_ppl" in last_eval:
@@ -673,6 +677,26 @@ class Trainer:
         loop["all_kept"] = [t.numpy() for t in state["all_kept"]]
         loop["last_eval"] = loop.get("last_eval") or {}
         return loop
+
+    def _kept_classes(self, epoch: int) -> dict:
+        """``{"kept_classes": k}`` for a classification run that curated in ``epoch``: how
+        many classes its kept samples cover. A curation that kept one class only (or none)
+        for the whole epoch has collapsed; it is recorded and printed, not hidden."""
+        labels = self.data.train.labels
+        if (self.data.task != "classification" or labels.dim() != 1
+                or not self.policy.active(epoch) or not (self._epoch_kept >= 0).any()):
+            return {}
+        kept = self._epoch_kept == 1
+        classes = np.unique(labels.cpu().numpy()[kept]) if kept.any() else np.array([])
+        seen = np.unique(labels.cpu().numpy()[self._epoch_kept >= 0])
+        out = {"kept_classes": int(len(classes))}
+        if len(seen) > 1 and len(classes) <= 1:
+            what = f"class {int(classes[0])} only" if len(classes) else "no sample"
+            out["collapsed"] = True
+            self.rec.log("collapse", epoch=epoch, kept=what)
+            print(f"warning: curation collapsed in epoch {epoch}: it kept {what} of the "
+                  f"{len(seen)} classes it saw", flush=True)
+        return out
 
     def _evaluate(self) -> dict:
         out = {}

@@ -27,3 +27,37 @@ def test_no_noise_record_without_known_noise(tiny_overrides):
                                    "dataset.noise_rate=0", *tiny_overrides))
     row = s["history"][0]
     assert row.get("train_loss_noisy") is None and np.isfinite(row["train_loss_clean"])
+
+
+def test_a_curation_that_keeps_one_class_is_reported(tiny_overrides, monkeypatch, capsys):
+    """Kept set = one class for a whole epoch: the epoch record, the summary, a "collapse"
+    record line and the console say so."""
+    import json
+    from pathlib import Path
+
+
+    import lai.train.loop as loop_mod
+    from lai.policies.threshold import ThresholdPolicy
+
+    labels = {}
+    orig_step = loop_mod.Trainer._step
+
+    def step(self, raw, epoch, step_i):
+        labels["now"] = raw.labels
+        return orig_step(self, raw, epoch, step_i)
+
+    monkeypatch.setattr(loop_mod.Trainer, "_step", step)
+    monkeypatch.setattr(ThresholdPolicy, "weights",
+                        lambda self, v, s, e: (labels["now"] == 3).float().to(v.device))
+    s = run_experiment(compose_cfg("dataset=digits_n", "estimator=lli", "trainer.epochs=2",
+                                   "policy.start_epoch=1", *tiny_overrides))
+    assert "kept_classes" not in s["history"][0]  # warm-up: nothing curated
+    assert s["history"][1]["kept_classes"] == 1 and s["history"][1]["collapsed"]
+    assert s["collapsed_epochs"] == [1]
+    lines = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [x for x in lines if x["kind"] == "collapse"][0]["kept"] == "class 3 only"
+    assert "curation collapsed in epoch 1" in capsys.readouterr().out
+    healthy = run_experiment(compose_cfg("dataset=digits_n", "estimator=lli", "trainer.epochs=1",
+                                         "policy=percentile", *tiny_overrides))
+    assert healthy["history"][0]["kept_classes"] == 10 and "collapsed_epochs" not in healthy
