@@ -17,13 +17,16 @@ SCALES = ("paper", "reduced")
 
 def load_runs(root: Path) -> pd.DataFrame:
     """One row per run folder under ``root`` (any depth): the summary's scalar fields, plus
-    ``run_dir``, the summary's lists/dicts as objects, and from the config ``epochs``,
+    ``run_dir``, ``method`` (the method folder's name when the summary has none), the
+    summary's lists/dicts as objects, and from the config ``epochs``,
     ``start_epoch``, ``model_desc`` (model name + its size options). Empty frame if none."""
     rows = []
     for path in sorted(Path(root).glob("**/summary.json")):
         summary = json.loads(path.read_text())
         row = dict(summary)
         row["run_dir"] = str(path.parent)
+        # the method folder (estimator, run_name, or random-<match> for a control)
+        row.setdefault("method", path.parent.parent.name)
         cfg_path = path.parent / "config.yaml"
         if cfg_path.is_file():
             cfg = OmegaConf.load(cfg_path)
@@ -53,12 +56,12 @@ def describe_model(model_cfg) -> str:
 
 
 def latest_per_job(df: pd.DataFrame) -> pd.DataFrame:
-    """One record per (dataset, estimator, seed): a re-run of the same job (e.g. after the
+    """One record per (dataset, method, seed): a re-run of the same job (e.g. after the
     committed records, or a failed try then a good one) replaces the older record. Completed
     records win over failed ones; among equals the newest summary wins."""
     if df.empty:
         return df
-    key = [c for c in ("dataset", "estimator", "seed") if c in df]
+    key = [c for c in ("dataset", "method", "seed") if c in df]
     mtime = df["run_dir"].map(lambda d: (Path(d) / "summary.json").stat().st_mtime)
     order = df.assign(_ok=df["status"] == "completed", _t=mtime)
     order = order.sort_values(["_ok", "_t"]).groupby(key, as_index=False).tail(1)

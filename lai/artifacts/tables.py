@@ -16,6 +16,7 @@ import pandas as pd
 from lai.artifacts import paper_values as P
 from lai.artifacts.collect import find_artifact_runs, scale_note
 from lai.artifacts.render import Table, fmt_mean_std, mean_std
+from lai.artifacts.table3 import table3, table3_evidence  # noqa: F401  (re-exported)
 
 OURS = "ours†"
 
@@ -115,68 +116,6 @@ def table2(results: Path) -> tuple[Table, pd.DataFrame]:
              "curated epochs (all samples for Vanilla). Test = GLUE validation split.",
              "A dataset with no runs (e.g. QNLI: no training split in ../shared/data) shows -."]
     return Table("Table 2: fine-tuning on GLUE (Vanilla warm-up, then LAI)", header, rows,
-                 notes), _long(long)
-
-
-# ---- Table 3 -----------------------------------------------------------------------------
-def table3(results: Path) -> tuple[Table, pd.DataFrame]:
-    """Noisy-label test accuracy (%), mean ± std over seeds, ours beside the paper's."""
-    df, scale = find_artifact_runs(results, "table3")
-    ok = _completed(df)
-    long, rows = [], []
-    present = [ds for ds in P.TABLE3_DATASETS if len(ok) and (ok["dataset"] == ds).any()]
-    n_seeds = int(ok["seed"].nunique()) if len(ok) else None
-    for method in P.TABLE3_METHODS:
-        cells, our_means, paper_means = [], [], []
-        for ds in P.TABLE3_DATASETS:
-            g = ok[(ok["dataset"] == ds) & (ok["estimator"] == method)] if len(ok) else ok
-            accs = [a * 100 for a in g["final_test_acc"]] if len(g) else []
-            failed = df[(df["dataset"] == ds) & (df["estimator"] == method)
-                        & (df["status"] != "completed")] if len(df) else df
-            text = fmt_mean_std(accs, expected_n=n_seeds)
-            if not accs and len(failed):
-                err = str(failed.iloc[0].get("error", ""))
-                text = "OOM" if "memory" in err.lower() else "failed"
-            cells.append(text)
-            m, s, n = mean_std(accs)
-            if n:
-                our_means.append(m)
-            long.append({"table": 3, "row": method, "column": ds, "source": "ours",
-                         "scale": scale, "mean": m, "std": s, "n": n})
-            paper = P.TABLE3[method][ds]
-            cells.append("OOM" if paper is None else f"{paper[0]:.2f} ± {paper[1]:.2f}")
-            if paper is not None and ds in present:
-                paper_means.append(paper[0])
-            long.append({"table": 3, "row": method, "column": ds, "source": "paper",
-                         "scale": "paper", "mean": paper[0] if paper else math.nan,
-                         "std": paper[1] if paper else math.nan, "n": 5})
-        ours_avg = float(np.mean(our_means)) if our_means else math.nan
-        paper_same = float(np.mean(paper_means)) if paper_means else math.nan
-        cells += ["-" if math.isnan(ours_avg) else f"{ours_avg:.2f}",
-                  "-" if math.isnan(paper_same) else f"{paper_same:.2f}",
-                  f"{P.TABLE3_AVG[method]:.2f}"]
-        long.append({"table": 3, "row": method, "column": "avg", "source": "ours",
-                     "scale": scale, "mean": ours_avg, "std": math.nan, "n": len(our_means)})
-        long.append({"table": 3, "row": method, "column": "avg", "source": "paper",
-                     "scale": "paper", "mean": P.TABLE3_AVG[method], "std": math.nan, "n": 6})
-        rows.append([P.display(method), *cells])
-    header = ["Method"]
-    for ds in P.TABLE3_DATASETS:
-        header += [f"{P.display(ds)} {OURS}", f"{P.display(ds)} paper"]
-    header += [f"Avg. {OURS}", "Avg. paper (same sets)", "Avg. paper (all)"]
-    missing = [P.display(d) for d in P.TABLE3_DATASETS if d not in present]
-    notes = [f"† {scale_note(df, scale)}.",
-             f"Test accuracy in %, mean ± sample std over {n_seeds} seeds ((n=k): a cell with "
-             "fewer). "
-             "Ours is at the scale above, not the paper's: compare directions (which methods "
-             "beat Vanilla), not levels.",
-             "Avg. ours is over the datasets we ran; 'paper (same sets)' averages the paper's "
-             "numbers over those same datasets."]
-    if missing:
-        notes.append("Not run at this scale: " + ", ".join(missing) + " (see experiments/table3.yaml).")
-    notes.append("'-' in an ours column: no record for that cell (the reasons are in "
-                 "experiments/table3.yaml); 'OOM'/'failed': the run stopped, its record says why.")
-    return Table("Table 3: test accuracy (%) under label noise", header, rows,
                  notes), _long(long)
 
 
@@ -299,4 +238,5 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
     return Table("Table 4: cost of online valuation per batch", header, rows, notes), _long(long)
 
 
-TABLES = {"table1": table1, "table2": table2, "table3": table3, "table4": table4}
+TABLES = {"table1": table1, "table2": table2, "table3": table3,
+          "table3_evidence": table3_evidence, "table4": table4}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from lai.artifacts import paper_values as P
 from lai.artifacts.collect import find_artifact_runs, load_runs, scale_note
 from lai.artifacts.render import Table, fmt_mean_std, to_latex, to_markdown, write_table
-from lai.artifacts.tables import table1, table2, table3, table4
+from lai.artifacts.tables import table1, table2, table3, table3_evidence, table4
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -249,3 +249,39 @@ def test_a_rerun_replaces_the_older_record_of_the_same_job(tmp_path):
     df, _ = find_artifact_runs(tmp_path, "table3")
     got = sorted(zip(df["seed"], df["final_test_acc"], df["status"]))
     assert got == [(0, 0.6, "completed"), (1, 0.4, "completed")]
+
+
+def test_table3_evidence_pairs_by_seed_and_shows_the_control(tmp_path):
+    """Paired differences are per seed (not differences of means), controls sit under their
+    method, and the detection columns come from the records."""
+    accs = {"vanilla": [0.30, 0.40, 0.35], "lai": [0.33, 0.41, 0.34],
+            "random-lai": [0.32, 0.42, 0.30], "ip": [0.20, 0.25, 0.22]}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            extra = {"noisy_auc": 0.6 + seed / 100, "drop_precision": 0.5,
+                     "drop_recall": 0.4, "kept_fraction": 0.7} if method == "lai" else {}
+            if method == "vanilla":
+                extra = {"history": [{"train_loss_noisy": 0.1 * (seed + 1),
+                                      "train_loss_clean": 0.01}], "train_noise_rate": 0.4}
+            fake_run(tmp_path, "table3", "cifar10n_worst", method, seed, final_test_acc=acc,
+                     **extra)
+    table, long = table3_evidence(tmp_path)
+    rows = {r[1]: r for r in table.rows}
+    lai = rows["LAI"]
+    h = table.header
+    assert lai[h.index("Δ vs Vanilla (seeds won)")] == "+1.00 ± 2.00 (2/3)"  # +3, +1, -1
+    assert lai[h.index("Δ vs its random control (seeds won)")] == "+1.33 ± 2.52 (2/3)"  # +1, -1, +4
+    assert lai[h.index("noisy AUC")] == "0.610 ± 0.010"
+    assert lai[h.index("kept %")] == "70.0 ± 0.0"
+    ctl = rows["Random drop (matched to LAI)"]
+    assert ctl[h.index("Δ vs its random control (seeds won)")] == "-"
+    assert rows["IP"][h.index("Δ vs Vanilla (seeds won)")] == "-12.67 ± 2.52 (0/3)"  # -10, -15, -13
+    order = [r[1] for r in table.rows]
+    assert order.index("Random drop (matched to LAI)") == order.index("LAI") + 1
+    assert any("0.200 on the noisy labels, 0.010 on the clean" in n for n in table.notes)
+    diff = long[(long.row == "lai") & (long.column == "cifar10n_worst/vs_control")]
+    assert diff["mean"].item() == pytest.approx(4 / 3)
+    main, _ = table3(tmp_path)
+    names = [r[0] for r in main.rows]
+    assert names.index("Random drop (matched to LAI)") == names.index("LAI") + 1
+    assert "Random drop (matched to Ghost)" not in names  # no records: no row
