@@ -9,6 +9,7 @@ from torch import nn
 from lai.batching import as_batch, forward_logits
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
+from lai.estimators.ghost_flat import flattened_ghost_values
 from lai.estimators.registry import build_estimator, unsupported
 from lai.estimators.static import STATIC, static_values
 
@@ -40,6 +41,10 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
       - ``"ghost"``: ``v_j = <sum_{z in V} grad ell_z, grad ell_j>`` over all trainable
         parameters, exact (forward-mode directional derivatives; no per-sample gradients).
     ``cache``: ``auto`` | ``folded`` | ``pairwise`` for lai/lli (equal results; a speed choice).
+      - ``"ghost_flat"``: Ghost as the paper's public code computes it, from flattened
+        whole-layer activations and output gradients of the Linear/Conv2d layers
+        (:mod:`lai.estimators.ghost_flat`): exact on an MLP, an approximation for
+        convolutions and token sequences; kept for comparison (Figure 1).
 
     Static methods (normally run on a trained model, see ``runner=two_round``):
       - ``"ip"``: ``<g_V, g_j>`` (same as ghost; the name of the two-round baseline);
@@ -62,6 +67,8 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
                                  hessians, **options)
     if options:
         raise TypeError(f"method {method!r} takes no options {sorted(options)}")
+    if method == "ghost_flat":
+        return flattened_ghost_values(model, as_batch(train_batch), as_batch(val_batch))
     if method not in ONLINE_METHODS:
         raise unsupported(method)
     train, val = as_batch(train_batch), as_batch(val_batch)

@@ -10,7 +10,8 @@ steps -> 50 of 1,000). Every ``--every`` steps the model is snapshot (in memory,
 mode) and, on a seeded batch of 16 training blocks and a fixed seeded validation batch of
 ``--val-size`` blocks, the script computes
 
-- LAI, Ghost and LLI values with :func:`lai.value` (positive = helps), and
+- LAI, Ghost (exact), LLI and the paper code's flattened Ghost (``ghost_flat``,
+  :mod:`lai.estimators.ghost_flat`) values with :func:`lai.value` (positive = helps), and
 - the Monte-Carlo permutation Shapley value of each of the 16 samples in the one-SGD-step
   game ``U(S) = L_V(theta) - L_V(theta - lr * sum_{i in S} grad ell_i)`` (summed losses;
   :mod:`lai.fidelity.shapley`), stored divided by ``lr`` so it is in Ghost's units;
@@ -85,7 +86,7 @@ from lai.fidelity.shapley import (SGDStepGame, gpt_neo_val_loss, pearson,  # noq
 from lai.models import build_model, build_tokenizer  # noqa: E402
 from lai.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
-PROXIES = ("lai", "ghost", "lli")
+PROXIES = ("lai", "ghost", "lli", "ghost_flat")
 BATCH = 16  # samples valued per checkpoint (paper §5.1)
 SCALES = {
     "reduced": {"model": "gpt_neo", "steps": 1000, "every": 50, "permutations": 200,

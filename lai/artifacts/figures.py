@@ -3,7 +3,8 @@ reference, drawn from the JSON that ``scripts/fidelity.py`` writes.
 
 Layout as in the paper: **A-D** proxy value vs Shapley value of the 16 samples at four
 checkpoints (25/50/75/100% of training), LAI blue, Ghost orange, LLI green, with dashed
-least-squares fits; **E** the per-checkpoint Pearson correlation vs step; **F** violins of
+least-squares fits (and, when the JSON has it, the paper code's flattened Ghost in red);
+**E** the per-checkpoint Pearson correlation vs step; **F** violins of
 those correlations with dashed mean lines, and the paper's mean ± std beside ours.
 
 Proxies and Shapley values live on different scales (LAI is not in Ghost's units), so the
@@ -20,9 +21,10 @@ from matplotlib.figure import Figure
 from lai.artifacts.paper_values import FIG1  # the paper's values, when the JSON has none
 from lai.fidelity.shapley import pearson
 
-PROXIES = ("lai", "ghost", "lli")
-LABELS = {"lai": "LAI", "ghost": "Ghost", "lli": "LLI"}
-COLORS = {"lai": "tab:blue", "ghost": "tab:orange", "lli": "tab:green"}
+PROXIES = ("lai", "ghost", "lli", "ghost_flat")
+LABELS = {"lai": "LAI", "ghost": "Ghost", "lli": "LLI", "ghost_flat": "Ghost (paper code)"}
+COLORS = {"lai": "tab:blue", "ghost": "tab:orange", "lli": "tab:green",
+          "ghost_flat": "tab:red"}
 
 
 def _z(x) -> np.ndarray:
@@ -80,7 +82,8 @@ def plot_fig1(fidelity: dict, out_stem: Path) -> list[Path]:
 
     Needs ``checkpoints``: a list of ``{"step", "shapley": [B], <proxy>: [B], "pearson":
     {<proxy>: r}}`` (``pearson`` is recomputed when absent) for the proxies present among
-    LAI, Ghost and LLI; ``settings``/``summary``/``paper``/``scale`` are used when present.
+    LAI, Ghost, LLI and the flattened Ghost; ``settings``/``summary``/``paper``/``scale`` are
+    used when present.
     """
     rows = sorted(fidelity.get("checkpoints", []), key=lambda r: r["step"])
     if not rows:

@@ -19,7 +19,7 @@ from tests.conftest import compose_cfg, load_script
 from tests.estimators.nets import MLP
 from tests.fidelity.test_shapley import random_game
 
-PROXIES = ("lai", "ghost", "lli")
+PROXIES = ("lai", "ghost", "lli", "ghost_flat")
 
 
 def tiny_gpt_neo(seed: int = 0) -> torch.nn.Module:
@@ -180,7 +180,7 @@ def synthetic_fidelity(n_checkpoints: int, with_pearson: bool, seed: int = 0) ->
     for k in range(1, n_checkpoints + 1):
         shap = rng.normal(size=16)
         row = {"step": 10 * k, "shapley": shap.tolist()}
-        for m, noise in zip(PROXIES, (0.2, 0.5, 0.3)):
+        for m, noise in zip(PROXIES, (0.2, 0.5, 0.3, 0.8)):
             row[m] = (3 * shap + noise * rng.normal(size=16)).tolist()
         if with_pearson:
             row["pearson"] = {m: pearson(row[m], shap) for m in PROXIES}
