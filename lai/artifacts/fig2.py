@@ -1,7 +1,8 @@
 """Figure 2: per-sample LAI dynamics on CIFAR-10N-worst, from a run with ``save_scores=true``.
 
-A: the distribution of scores per epoch (clean and noisy labels apart); B: inclusion heat-map,
-samples x epochs (kept / dropped); C: three samples' scores across epochs. Reads only
+A: where the clean and the noisy samples' scores rank within each epoch, and the epoch's
+noisy-label AUC; B: inclusion heat-map, samples x epochs (kept / dropped), clean labels above
+noisy ones; C: three samples' ranks across epochs. Reads only
 ``scores/epoch_XXX.npz`` (+ ``noisy.npy``) and ``summary.json`` of one run folder.
 """
 from __future__ import annotations
@@ -51,45 +52,74 @@ def pick_examples(values: np.ndarray, kept: np.ndarray, noisy: np.ndarray | None
             (c, f"sample {c}{tag(c)}: keep decision flips")]
 
 
-def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300,
-              seed: int = 0) -> list[Path]:
-    """Draw Figure 2 from one run folder; writes ``out_stem``.png/.pdf and returns the paths."""
-    data = load_scores(run_dir)
-    values, kept, noisy = data["values"], data["kept"], data["noisy"]
-    epochs = np.arange(1, values.shape[0] + 1)
-    fig = plt.figure(figsize=(15, 4.6), constrained_layout=True)
-    gs = fig.add_gridspec(1, 3, width_ratios=[1.25, 1.0, 1.0])
+def epoch_percentiles(values: np.ndarray) -> np.ndarray:
+    """``[E, N]``: each sample's score as its percentile rank among the samples scored in the
+    same epoch (0 = lowest value, 100 = highest; NaN where not scored). Scores change scale
+    by orders of magnitude over training; ranks keep every epoch comparable, and the clean
+    and noisy samples' ranks show directly whether the score tells them apart."""
+    from scipy.stats import rankdata
 
-    # A: per-epoch distributions, clean vs noisy labels. Scores shrink and grow by orders of
-    # magnitude over training, so each epoch is divided by its own standard deviation (the
-    # shapes and the clean/noisy gap stay comparable) and clipped to its 1st-99th percentile.
-    ax = fig.add_subplot(gs[0])
-    groups = [("clean", ~noisy, "tab:blue"), ("noisy", noisy, "tab:red")] if noisy is not None \
-        else [("all", np.ones(values.shape[1], bool), "tab:blue")]
-    scaled = np.full_like(values, np.nan)
+    out = np.full(values.shape, np.nan)
     for e, v in enumerate(values):
         fin = np.isfinite(v)
         if fin.sum() > 1:
-            lo, hi = np.percentile(v[fin], [1, 99])
-            scaled[e, fin] = np.clip(v[fin], lo, hi) / max(float(np.std(v[fin])), 1e-30)
-    width = 0.8 / len(groups)
-    for k, (name, mask, color) in enumerate(groups):
-        pos = epochs + (k - (len(groups) - 1) / 2) * width
-        data_k = [v[mask & np.isfinite(v)] for v in scaled]
-        data_k = [d if d.size else np.array([np.nan]) for d in data_k]
-        parts = ax.violinplot(data_k, positions=pos, widths=width, showmedians=True,
-                              showextrema=False)
-        for body in parts["bodies"]:
-            body.set_facecolor(color)
-            body.set_alpha(0.5)
-        parts["cmedians"].set_color(color)
-        ax.plot([], [], color=color, lw=6, alpha=0.5, label=f"{name} labels")
-    ax.axhline(0, color="k", lw=0.8, ls="--")
+            out[e, fin] = (rankdata(v[fin]) - 1) / (fin.sum() - 1) * 100
+    return out
+
+
+def _epoch_auc(values: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    from lai.train.noisy import detection_metrics
+
+    out = []
+    for v in values:
+        m = detection_metrics(v, np.where(np.isfinite(v), 1, -1), noisy)["noisy_auc"]
+        out.append(np.nan if m is None else m)
+    return np.array(out)
+
+
+def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300,
+              seed: int = 0) -> list[Path]:
+    """Draw Figure 2 from one run folder; writes ``out_stem``.png/.pdf and returns the paths.
+
+    A: per epoch, the median and interquartile range of the clean and the noisy samples'
+    within-epoch score percentiles (:func:`epoch_percentiles`), with the noisy-label AUC of
+    that epoch on the right axis; B: inclusion heat-map of random samples, clean labels above
+    the noisy ones; C: three samples' percentiles across epochs."""
+    data = load_scores(run_dir)
+    values, kept, noisy = data["values"], data["kept"], data["noisy"]
+    epochs = np.arange(1, values.shape[0] + 1)
+    pct = epoch_percentiles(values)
+    fig = plt.figure(figsize=(15, 5.2), constrained_layout=True)
+    gs = fig.add_gridspec(1, 3, width_ratios=[1.2, 1.0, 1.0])
+
+    # A: where clean and noisy samples rank within each epoch
+    ax = fig.add_subplot(gs[0])
+    groups = [("clean labels", ~noisy, "tab:blue"), ("noisy labels", noisy, "tab:red")] \
+        if noisy is not None else [("all samples", np.ones(values.shape[1], bool), "tab:blue")]
+    for name, mask, color in groups:
+        sub = pct[:, mask]
+        with np.errstate(all="ignore"):
+            q25, q50, q75 = (np.nanpercentile(sub, q, axis=1) for q in (25, 50, 75))
+        ax.fill_between(epochs, q25, q75, color=color, alpha=0.2, lw=0)
+        ax.plot(epochs, q50, "-o", ms=3, color=color, label=f"{name}: median, 25-75%")
+    ax.axhline(50, color="k", lw=0.8, ls="--")
+    ax.set_ylim(0, 100)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("LAI score / that epoch's std (1st-99th pct.)")
-    ax.set_title("A  score distribution per epoch")
+    ax.set_ylabel("rank of the LAI score within its epoch (percentile)")
+    ax.set_title("A  clean vs noisy labels: where their scores rank", loc="left", fontsize=10)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(loc="lower left", fontsize=8)
+    if noisy is not None:
+        twin = ax.twinx()
+        twin.plot(epochs, _epoch_auc(values, noisy), color="k", lw=1.4,
+                  label="noisy-label AUC (right axis)")
+        twin.set_ylim(0.3, 1.0)
+        twin.set_ylabel("noisy-label AUC of -score (0.5 = chance)")
+        lines = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center",
+                  bbox_to_anchor=(0.5, 1.06), ncol=2, fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, frameon=False)
 
     # B: inclusion heat-map for a random subset of samples, noisy ones at the bottom
     ax = fig.add_subplot(gs[1])
@@ -103,26 +133,31 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
               extent=(0.5, len(epochs) + 0.5, len(cols), 0))
     if noisy is not None:
         n_clean = int((~noisy[cols]).sum())
-        ax.axhline(n_clean, color="tab:red", lw=1.2)
-        ax.text(len(epochs) + 0.4, n_clean + 2, "noisy labels below", color="tab:red",
-                fontsize=8, ha="right", va="top")
+        ax.axhline(n_clean, color="tab:red", lw=1.5)
+        rate = {g: float(np.mean(kept[:, cols][:, sel][kept[:, cols][:, sel] >= 0] == 1))
+                for g, sel in (("clean", ~noisy[cols]), ("noisy", noisy[cols]))}
+        ax.set_yticks([n_clean / 2, (n_clean + len(cols)) / 2],
+                      [f"clean\n{n_clean} samples\nkept {rate['clean']:.0%}",
+                       f"noisy\n{len(cols) - n_clean} samples\nkept {rate['noisy']:.0%}"],
+                      fontsize=8)
+    else:
+        ax.set_ylabel(f"{len(cols)} random training samples")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel(f"{len(cols)} random training samples")
-    ax.set_title("B  inclusion (blue = kept in its batch)")
+    ax.set_title("B  inclusion of random samples (blue = kept)", loc="left", fontsize=10)
 
-    # C: three samples across epochs
+    # C: three samples across epochs, as percentiles (a linear, comparable scale)
     ax = fig.add_subplot(gs[2])
     for (i, label), color in zip(pick_examples(values, kept, noisy),
                                  ("tab:green", "tab:red", "tab:purple")):
-        ax.plot(epochs, values[:, i], marker="o", ms=3, color=color, label=label)
-    ax.axhline(0, color="k", lw=0.8, ls="--")
+        ax.plot(epochs, pct[:, i], marker="o", ms=3, color=color, label=label)
+    ax.axhline(50, color="k", lw=0.8, ls="--")
+    ax.set_ylim(0, 100)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("LAI score")
-    ax.set_yscale("symlog", linthresh=float(np.nanmedian(np.abs(values))) or 1.0)
-    ax.set_title("C  three samples across epochs (symlog)")
+    ax.set_ylabel("rank of its LAI score within the epoch (percentile)")
+    ax.set_title("C  three samples across epochs", loc="left", fontsize=10)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.06), frameon=False)
 
     summary_path = Path(run_dir) / "summary.json"
     dataset = json.loads(summary_path.read_text()).get("dataset", "?") \
