@@ -5,7 +5,8 @@
 
 Reads results/{paper,reduced}/<artifact>/ (paper scale preferred when present),
 results/bench/online_*.json and results/{paper,reduced}/fig1/fidelity.json; writes
-results/tables/table{1,2,3,4}.{md,tex,csv} and results/figures/fig{1,2}.{png,pdf}.
+results/tables/table{1,2,3,3_evidence,4}.{md,tex,csv} and
+results/figures/{fig1,fig2,detection}.{png,pdf}.
 It never trains: an artifact without records is still written, with its cells empty and a
 note naming the experiment to run (experiments/<artifact>.yaml).
 """
@@ -24,7 +25,7 @@ from lai.artifacts.collect import SCALES, find_artifact_runs  # noqa: E402
 from lai.artifacts.render import write_table  # noqa: E402
 from lai.artifacts.tables import TABLES  # noqa: E402
 
-ARTIFACTS = (*TABLES, "fig1", "fig2")
+ARTIFACTS = (*TABLES, "fig1", "fig2", "detection")
 README_START, README_END = "<!-- table3:start -->", "<!-- table3:end -->"
 
 
@@ -69,6 +70,19 @@ def make_fig2(results: Path, out: Path) -> list[Path]:
     return plot_fig2(run_dir, out / "fig2", fig2_scale_label(run_dir, scale))
 
 
+def make_detection(results: Path, out: Path) -> list[Path]:
+    from lai.artifacts.detection import (detection_scale_label, load_detection_runs,
+                                         plot_detection)
+
+    for scale in SCALES:
+        runs = load_detection_runs(results / scale / "detection")
+        if len(runs):
+            return plot_detection(runs, out / "detection", detection_scale_label(runs, scale))
+    print("detection: no runs under results/{paper,reduced}/detection; run "
+          "`python scripts/run_experiment.py detection`", file=sys.stderr)
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(ROOT / "results"))
@@ -93,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_table(table, results / "tables" / name, long_form)
         elif name == "fig1":
             paths = make_fig1(results, results / "figures")
-        else:
+        elif name == "fig2":
             paths = make_fig2(results, results / "figures")
+        else:
+            paths = make_detection(results, results / "figures")
         written += paths
         print(f"{name}: {', '.join(str(p.relative_to(results)) for p in paths) or 'nothing'} "
               f"({time.perf_counter() - t0:.1f} s)")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables  # noqa: E402
 import run_experiment  # noqa: E402
 
-ARTIFACTS = ["fig1", "fig2", "table1", "table2", "table3", "table4"]
+ARTIFACTS = ["detection", "fig1", "fig2", "table1", "table2", "table3", "table4"]
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
