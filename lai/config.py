@@ -54,6 +54,9 @@ class ModelConfig:
     # bert: attn_implementation, eager | sdpa (fused kernels; every estimator handles both);
     # gpt_neo has eager attention only
     attention: str = "eager"
+    # bert (pretrained): cls = the pooler's [CLS] vector (BertForSequenceClassification) |
+    # mean = the masked mean of the last hidden states (sentence encoders such as MiniLM)
+    pooling: str = "cls"
 
 
 @dataclass
@@ -208,6 +211,7 @@ _CHOICES = {
     "dataset.val_source": ("holdout", "split"),
     "trainer.precision": ("fp32", "bf16"),
     "model.attention": ("eager", "sdpa"),
+    "model.pooling": ("cls", "mean"),
 }
 
 

@@ -19,11 +19,12 @@ with ``.logits``.
 """
 from __future__ import annotations
 
-from lai.errors import MissingModelError
-
 from typing import Any
 
+import torch
 from torch import nn
+
+from lai.errors import MissingModelError
 
 from lai.models.tokenizers import OFFLINE_HINT, minilm_path
 
@@ -133,7 +134,32 @@ def bert(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
     model = _from_pretrained(BertForSequenceClassification, path, local_only=source == "minilm",
                              attention=_attention(cfg), num_labels=num_classes, **depth)
     _fit_vocab(model, vocab_size)
-    return model
+    return MeanPooledBert(model) if getattr(cfg, "pooling", "cls") == "mean" else model
+
+
+class MeanPooledBert(nn.Module):
+    """A BERT classifier that reads the masked mean of the last hidden states instead of the
+    pooler's [CLS] vector: the pooling sentence encoders such as all-MiniLM-L6-v2 were trained
+    with (their [CLS] vectors are nearly identical across sentences). Same encoder, dropout
+    and ``classifier`` head as the wrapped ``BertForSequenceClassification``; the pooler is
+    dropped. ``forward(input_ids, attention_mask=None, token_type_ids=None)`` returns an
+    object with ``.logits`` ``[B, num_classes]``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bert, self.dropout, self.classifier = model.bert, model.dropout, model.classifier
+        self.bert.pooler = None
+        self.config = model.config
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_: Any):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                      token_type_ids=token_type_ids).last_hidden_state
+        mask = (torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if attention_mask
+                is None else attention_mask.to(h.dtype))
+        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
 
 def gpt_neo(cfg: Any, task: str, num_classes: int, vocab_size: int | None = None,
