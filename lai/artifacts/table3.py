@@ -14,6 +14,7 @@ say how far Vanilla memorised the noisy labels (its last epoch's training loss o
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,42 @@ def method_rows() -> list[str]:
 
 
 def label(method: str) -> str:
+    """Display name: ``lai`` -> LAI, ``lai-w3`` -> LAI (after 3 vanilla epochs),
+    ``random-lai`` -> Random drop (matched to LAI)."""
     if method.startswith("random-"):
-        return f"Random drop (matched to {P.display(method[len('random-'):])})"
+        return f"Random drop (matched to {label(method[len('random-'):])})"
+    match = re.fullmatch(r"(.+)-w(\d+)", method)
+    if match:
+        return f"{P.display(match.group(1))} (after {match.group(2)} vanilla epochs)"
     return P.display(method)
+
+
+def evidence_rows(methods: set[str]) -> list[str]:
+    """Table 3's methods (:func:`method_rows`), then any other method with records (e.g. a
+    warm-up variant ``lai-w3``), each followed by its control when it has one."""
+    rows = [m for m in method_rows() if m in methods]
+    for m in sorted(methods - set(rows)):
+        if m.startswith("random-"):
+            continue
+        rows.append(m)
+        if control_of(m) in methods:
+            rows.append(control_of(m))
+    rows += sorted(m for m in methods - set(rows))  # controls of nothing recorded
+    return rows
+
+
+def table3_runs(results: Path) -> tuple[pd.DataFrame, str | None]:
+    """The runs of Table 3: the image sets (artifact ``table3``) and the text sets
+    (``table3_text``), each from its preferred scale; the scale label joins both."""
+    frames, scales = [], []
+    for artifact in ("table3", "table3_text"):
+        df, scale = find_artifact_runs(results, artifact)
+        if scale is not None:
+            frames.append(df)
+            scales.append(scale)
+    if not frames:
+        return pd.DataFrame(), None
+    return pd.concat(frames, ignore_index=True), "/".join(dict.fromkeys(scales))
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +116,7 @@ def _long(rows: list[dict]) -> pd.DataFrame:
 
 def table3(results: Path) -> tuple[Table, pd.DataFrame]:
     """Noisy-label test accuracy (%), mean ± std over seeds, ours beside the paper's."""
-    df, scale = find_artifact_runs(results, "table3")
+    df, scale = table3_runs(results)
     ok = _completed(df)
     long, rows = [], []
     present = [ds for ds in P.TABLE3_DATASETS if len(ok) and (ok["dataset"] == ds).any()]
@@ -171,25 +205,25 @@ def _memorisation_note(ok: pd.DataFrame, ds: str) -> str | None:
 def table3_evidence(results: Path) -> tuple[Table, pd.DataFrame]:
     """Per (dataset, method): accuracy, paired differences to Vanilla and to the matched
     control, kept fraction and noisy-label detection."""
-    df, scale = find_artifact_runs(results, "table3")
+    df, scale = table3_runs(results)
     ok = _completed(df)
     long, rows, notes = [], [], []
     for ds in P.TABLE3_DATASETS:
         if not (len(ok) and (ok["dataset"] == ds).any()):
             continue
         vanilla = _by_seed(ok, ds, "vanilla", "final_test_acc")
-        for method in method_rows():
+        for method in evidence_rows(set(ok[ok["dataset"] == ds]["method"])):
             acc = _by_seed(ok, ds, method, "final_test_acc")
             if not acc:
                 continue
             g = ok[(ok["dataset"] == ds) & (ok["method"] == method)]
             vs_vanilla = paired(acc, vanilla) if method != "vanilla" else ([], 0)
             vs_control = (paired(acc, _by_seed(ok, ds, control_of(method), "final_test_acc"))
-                          if method in ONLINE_WITH_CONTROL else ([], 0))
+                          if not method.startswith("random-") else ([], 0))
             cells = [P.display(ds), label(method),
                      fmt_mean_std([a * 100 for a in acc.values()]),
                      fmt_paired(*vs_vanilla), fmt_paired(*vs_control),
-                     fmt_mean_std(list(g["kept_fraction"]), scale=100, digits=1)]
+                     fmt_mean_std(list(g.get("kept_fraction", [])), scale=100, digits=1)]
             for col in ("noisy_auc", "drop_precision", "drop_recall"):
                 vals = [v for v in g.get(col, []) if v is not None and not pd.isna(v)]
                 cells.append(fmt_mean_std(vals, digits=3) if vals else "-")

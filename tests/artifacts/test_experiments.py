@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables  # noqa: E402
 import run_experiment  # noqa: E402
 
-ARTIFACTS = ["detection", "fig1", "fig2", "table1", "table2", "table3", "table4"]
+ARTIFACTS = ["detection", "fig1", "fig2", "table1", "table2", "table3", "table3_text", "table4"]
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -41,11 +41,12 @@ def test_every_artifact_has_both_scales():
 
 
 @pytest.mark.parametrize("artifact", ARTIFACTS)
-@pytest.mark.parametrize("scale", ["paper", "reduced", "paper_code"])
+@pytest.mark.parametrize("scale", ["paper", "reduced", "paper_code", "reduced_warmup"])
 def test_every_job_composes_and_validates(artifact, scale):
     spec = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / f"{artifact}.yaml"))
     if scale not in spec["scales"]:
         pytest.skip(f"{artifact} has no {scale} scale")
+    assert set(spec["scales"]) <= {"paper", "reduced", "paper_code", "reduced_warmup"}
     for sweep in spec["scales"][scale]["sweeps"]:
         if "command" in sweep:
             assert (ROOT / sweep["command"][1]).is_file()

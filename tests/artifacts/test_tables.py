@@ -285,3 +285,17 @@ def test_table3_evidence_pairs_by_seed_and_shows_the_control(tmp_path):
     names = [r[0] for r in main.rows]
     assert names.index("Random drop (matched to LAI)") == names.index("LAI") + 1
     assert "Random drop (matched to Ghost)" not in names  # no records: no row
+
+
+def test_table3_evidence_shows_warmup_variants_with_their_controls(tmp_path):
+    for method, acc in (("vanilla", 0.30), ("lai", 0.32), ("lai-w3", 0.35),
+                        ("random-lai-w3", 0.31)):
+        fake_run(tmp_path, "table3", "cifar10n_worst", method, 0, final_test_acc=acc)
+    table, _ = table3_evidence(tmp_path)
+    names = [r[1] for r in table.rows]
+    assert names == ["Vanilla", "LAI", "LAI (after 3 vanilla epochs)",
+                     "Random drop (matched to LAI (after 3 vanilla epochs))"]
+    h = table.header.index("Δ vs its random control (seeds won)")
+    assert table.rows[2][h] == "+4.00 (1/1)"
+    main, _ = table3(tmp_path)
+    assert not any("vanilla epochs" in r[0] for r in main.rows)  # variants: evidence only
