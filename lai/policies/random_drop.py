@@ -6,11 +6,13 @@ samples it drops, and *that* it drops 40% (fewer samples per step, a smaller eff
 epoch). This policy reproduces only the second, so a method's gain over its matched random
 control is what its choice of samples is worth.
 
-Draws are a pure function of ``(seed, step)``: the same run gives the same decisions after a
-resume, and two controls with the same seed and rates drop the same samples.
+Draws are a pure function of ``(seed, step)`` (and the data-parallel rank): the same run
+gives the same decisions after a resume, and two controls with the same seed and rates drop
+the same samples.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -48,6 +50,7 @@ class RandomDropPolicy(Policy):
         self.epoch_keep_fractions: Optional[list] = None
         self.matched_from: Optional[str] = None
         self.seed = int(seed)
+        self.rank = 0
 
     def set_schedule(self, fractions: Sequence[float], source: Optional[str] = None) -> None:
         """Use ``fractions[epoch]`` as the keep probability of each epoch (a matched run's)."""
@@ -63,6 +66,8 @@ class RandomDropPolicy(Policy):
         from lai.policies.matching import MatchError, matched_keep_fractions
 
         self.seed = int(cfg.seed)
+        # data-parallel ranks draw for their own shards: independent streams per rank
+        self.rank = int(os.environ.get("RANK", "0"))
         if self.match is None:
             return
         fractions, source = matched_keep_fractions(cfg)
@@ -96,7 +101,8 @@ class RandomDropPolicy(Policy):
     def draw(self, batch_size: int, step: int, device: torch.device | str = "cpu"
              ) -> torch.Tensor:
         """``[batch_size]`` float32 uniform draws in ``[0, 1)`` for optimizer step ``step``."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) ^ _STREAM)
+        key = (self.seed * 1_000_003 + step) * 1_009 + self.rank
+        gen = torch.Generator().manual_seed((key ^ _STREAM) & (2**63 - 1))
         return torch.rand(batch_size, generator=gen).to(device)
 
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
