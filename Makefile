@@ -29,13 +29,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_online.py
 
-## Tables 1-4 and Figures 1-2 from the run records in results/ (never trains; < 2 min)
+## Tables 1-4 (and Table 3's evidence), Figures 1-2 and the detection figure from the run
+## records in results/ (never trains)
 tables: $(STAMP)
 	$(PY) scripts/make_tables.py
 
-## every artifact's reduced-scale sweep on this machine (CPU, about 30 min each), then tables
+## every artifact's reduced-scale sweep on this machine (CPU, hours: see the README), then tables
 experiments-reduced: $(STAMP)
-	for a in table1 table2 table3 fig1 fig2; do \
+	for a in table1 table2 table3 table3_text detection fig1 fig2; do \
 	  LAI_DATA=$(DATA) $(PY) scripts/run_experiment.py $$a --scale reduced || exit 1; done
 	$(PY) scripts/make_tables.py
 
