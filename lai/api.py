@@ -10,7 +10,7 @@ from lai.batching import as_batch, forward_logits
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.ghost_flat import flattened_ghost_values
-from lai.estimators.registry import build_estimator, unsupported
+from lai.estimators.registry import build_estimator
 from lai.estimators.static import STATIC, static_values
 
 ONLINE_METHODS = ("lai", "lli", "ghost")
@@ -55,6 +55,7 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
     ``hessian_batch``: a batch or an iterable of batches the curvature is estimated from
     (default ``train_batch``).
     """
+    method = _method_name(method, ("lai", "lli", "ghost", "ghost_flat", *STATIC))
     if method in STATIC:
         if hessian_batch is None:
             hessians = None
@@ -69,8 +70,6 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
         raise TypeError(f"method {method!r} takes no options {sorted(options)}")
     if method == "ghost_flat":
         return flattened_ghost_values(model, as_batch(train_batch), as_batch(val_batch))
-    if method not in ONLINE_METHODS:
-        raise unsupported(method)
     train, val = as_batch(train_batch), as_batch(val_batch)
     est = build_estimator(method, layers=layers, output_layer=output_layer, cache=cache,
                           chunk_size=chunk_size)
@@ -90,8 +89,7 @@ def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "
     ``ghost``: ``<grad ell_z, grad ell_j>`` over all trainable parameters (one forward-mode
     pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums.
     """
-    if method not in ONLINE_METHODS:
-        raise unsupported(method)
+    method = _method_name(method, ONLINE_METHODS)
     train, val = as_batch(train_batch), as_batch(val_batch)
     if method == "ghost":
         return ghost_pairwise(model, train, val)
@@ -101,3 +99,15 @@ def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "
         with est.capture(model, train) as cap:
             forward_logits(model, train.inputs)
         return est.pairwise(cap)
+
+
+def _method_name(method: str, allowed: Sequence[str]) -> str:
+    """``method`` in lower case if it is one of ``allowed``; else a ValueError that lists
+    exactly those (``vanilla`` and ``spl`` value nothing: they are training choices)."""
+    name = str(method).lower()
+    if name in allowed:
+        return name
+    hint = (" ('vanilla' and 'spl' are training settings of run.py, not valuation methods)"
+            if name in ("vanilla", "spl") else "")
+    raise ValueError(f"unknown method {method!r}; this function takes: {', '.join(allowed)}"
+                     f"{hint}")

@@ -135,8 +135,16 @@ def test_unsupported_and_bad_inputs_fail_clearly():
     model, tr, va = mlp_case()
     with pytest.raises(TypeError, match="options"):  # static-only options on an online method
         value(model, tr, va, method="lai", damping=0.1)
-    with pytest.raises(ValueError, match="unknown estimator"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; this function takes: lai, "
+                                         "lli, ghost, ghost_flat, ip, lissa, datainf, trak"):
         value(model, tr, va, method="nope")
+    with pytest.raises(ValueError, match="training settings of run.py"):
+        value(model, tr, va, method="vanilla")
+    from lai import pairwise
+    with pytest.raises(ValueError, match="this function takes: lai, lli, ghost$"):
+        pairwise(model, tr, va, method="ip")
+    # names are not case-sensitive
+    assert torch.equal(value(model, tr, va, method="LAI"), value(model, tr, va, method="lai"))
     with pytest.raises(ValueError, match="labels"):
         value(model, {"x": tr[0]}, va)
     with pytest.raises(ValueError, match="output_layer"):
