@@ -119,6 +119,32 @@ def dual_parameters(model: nn.Module, tangents: dict[int, torch.Tensor]
             module._parameters[name] = p
 
 
+def native_rnn_kernels(model: nn.Module) -> AbstractContextManager:
+    """For a model with recurrent layers: oneDNN off (``torch.backends.mkldnn``), whose CPU
+    RNN kernel has no forward-mode formula, so that the native kernels (which have one) run;
+    the same function, equal to rounding. Other models keep oneDNN (their convolutions'
+    fast path on a CPU)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return _onednn_off()
+    return nullcontext()
+
+
+@contextmanager
+def _onednn_off() -> Iterator[None]:
+    # torch.backends.mkldnn.flags also resets oneDNN's TF32 setting, warning on CPU builds
+    # each time; the warning says nothing about this use
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flags.__exit__(None, None, None)
+
+
 def _probe_plan_or_raise(model: nn.Module) -> list:
     """The probe plan of ``model``; ValueError naming the modules that have no probe."""
     plan, missing = ghost_probe.probe_plan(model)
@@ -334,7 +360,7 @@ class GhostEstimator(OnlineEstimator):
                 if torch.is_grad_enabled() else nullcontext())
         try:
             with (fwAD.dual_level(), dual_parameters(model, self._tangents) as duals,
-                  lean as release, custom_function_jvps(),
+                  lean as release, custom_function_jvps(), native_rnn_kernels(model),
                   ForwardFastPaths(duals, fast=self.forward_fastpaths)):
                 try:
                     yield cap
