@@ -33,7 +33,8 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
 
     Methods:
       - ``"lai"``: ``v_j = sum_{z in V} sum_l <phi_l(z), phi_l(j)> <G_z, G_j>`` over every
-        ``nn.Linear`` and ``nn.Conv2d`` (``layers=`` picks another set: ``code``, ``lli``, or
+        layer that is a linear map of its input (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging
+        Face's ``Conv1D``; ``layers=`` picks another set: ``code``, ``lli``, or
         module names); ``phi_l`` = the layer's input flattened with padded positions zeroed,
         ``G_x = d ell_x / d logits_x``;
       - ``"lli"``: the output layer's term only (output layer = last ``nn.Linear`` unless

@@ -16,7 +16,24 @@ from torch import nn
 from lai.batching import Batch, logits_of
 
 LayerKey = tuple  # (module name, call index within one forward)
-DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+# LAI's layers: every linear map of its input whose input it pairs (Eq. 4); Hugging Face's
+# Conv1D (GPT-2's blocks: x @ W + b over the last axis) counts too, see is_linear_layer
+DEFAULT_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``): a linear layer on the last
+    axis with its weight stored ``[in, out]``. Recognised without importing transformers (a
+    model that holds one has imported it)."""
+    cls = type(module)
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in cls.__mro__)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """A layer applied to the last axis of its input (``nn.Linear``, Hugging Face's
+    ``Conv1D``): its ``[B, T, D]`` input is a sequence of per-token rows."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def fp32_math(x: torch.Tensor) -> AbstractContextManager:
@@ -44,8 +61,9 @@ def select_layers(model: nn.Module, layers: str | Sequence[str], output_layer: s
                   layer_types: tuple[type, ...] = DEFAULT_LAYER_TYPES) -> list[str]:
     """Names of the modules whose inputs LAI pairs, in registration order.
 
-    ``layers``: ``"all"`` = every module of ``layer_types`` (``nn.Linear``, ``nn.Conv2d`` and
-    their subclasses; the paper's Eq. 4), ``"lli"`` = the output layer only, ``"code"`` = the
+    ``layers``: ``"all"`` = every module of ``layer_types`` (by default ``nn.Linear``,
+    ``nn.Conv1d/2d/3d`` and their subclasses, and Hugging Face's ``Conv1D``: every layer that
+    is a linear map of its input; the paper's Eq. 4), ``"lli"`` = the output layer only, ``"code"`` = the
     first such layer (its input is the raw model input for MLPs/CNNs, the embedding output for
     transformers) plus the output layer, which is what the paper's public code computes;
     or an explicit list of module names.
@@ -59,7 +77,8 @@ def select_layers(model: nn.Module, layers: str | Sequence[str], output_layer: s
         if missing:
             raise ValueError(f"no module named {missing[0]!r} in the model")
         return list(layers)
-    typed = [n for n, m in modules.items() if isinstance(m, layer_types)]
+    typed = [n for n, m in modules.items() if isinstance(m, layer_types)
+             or (layer_types is DEFAULT_LAYER_TYPES and is_hf_conv1d(m))]
     if layers == "all":
         return typed if out in typed else typed + [out]
     if layers == "lli":
@@ -105,8 +124,8 @@ def _version_of(x: torch.Tensor) -> int | None:
 class LayerTap:
     """Context manager: while active, every call of a named module calls
     ``on_input(key, phi, shape, token)`` with ``phi [B, D]`` (flattened, masked), the
-    unflattened per-sample input shape, and ``token`` = the layer is an ``nn.Linear`` applied
-    to a ``[B, T, ...]`` sequence; the model's logits are kept in ``self.logits``.
+    unflattened per-sample input shape, and ``token`` = the layer is linear on the last axis
+    (:func:`is_linear_layer`) and applied to a ``[B, T, ...]`` sequence; the model's logits are kept in ``self.logits``.
 
     ``key = (module name, call index)`` separates repeated calls of a shared module.
 
@@ -162,7 +181,7 @@ class LayerTap:
         return leaf
 
     def _hook(self, name: str, module: nn.Module):
-        token_layer = isinstance(module, nn.Linear)
+        token_layer = is_linear_layer(module)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             x = args[0] if args else next(iter(kwargs.values()))

@@ -5,7 +5,8 @@ without its leading minus):
 
     v_j = sum_{z in V} sum_l <phi_l(z), phi_l(j)> * <G_z, G_j>
 
-- ``phi_l(x)``: the input of layer l (every ``nn.Linear`` / ``nn.Conv2d`` by default) for
+- ``phi_l(x)``: the input of layer l (by default every linear map of its input:
+  ``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face's ``Conv1D``) for
   sample x, with token positions where ``attention_mask`` is 0 zeroed;
 - ``G_x = d ell_x / d s^(L)_x``: the gradient of the per-sample cross-entropy at the output
   of the output layer L (the last ``nn.Linear`` unless named). When L produces the logits,
