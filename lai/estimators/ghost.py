@@ -442,20 +442,66 @@ class GhostEstimator(OnlineEstimator):
 
 
 @torch.no_grad()
+def per_sample_validation_gradients(model: nn.Module, val_batch: Batch,
+                                    chunk_size: int = 512) -> list[list[torch.Tensor]]:
+    """``[grad ell_z for z in V]`` (each over :func:`trainable_parameters`), every one taken
+    in the forward of its chunk of the validation batch, as :func:`validation_gradient` runs
+    it: train-mode BatchNorm normalises with that chunk's statistics and dropout draws one
+    mask for the chunk, so the gradients sum to ``validation_gradient``. Holds ``|V|``
+    parameter-sized gradients: meant for small validation batches. Buffers are restored."""
+    params = trainable_parameters(model)
+    out = []
+    with preserved_buffers(model), torch.enable_grad():
+        for chunk in chunks(val_batch, chunk_size):
+            logits = forward_logits(model, chunk.inputs)
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()
+            losses = per_sample_loss(logits, chunk.labels)
+            for z in range(len(chunk)):
+                grads = torch.autograd.grad(losses[z], params, allow_unused=True,
+                                            retain_graph=z + 1 < len(chunk))
+                out.append([torch.zeros_like(p) if g is None else g
+                            for p, g in zip(params, grads)])
+    return out
+
+
+def _rng_state() -> tuple:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def ghost_pairwise(model: nn.Module, train_batch: Batch, val_batch: Batch) -> torch.Tensor:
     """``[B_train, |V|]`` matrix of ``<grad ell_z, grad ell_j>`` (column z), all parameters.
 
-    One validation gradient and one forward-mode pass per validation sample: meant for the
-    small batches of fidelity studies. Row sums equal the Ghost values.
+    Every entry is taken in the contexts :func:`lai.value` uses: ``grad ell_z`` in the
+    forward of the whole validation batch (:func:`per_sample_validation_gradients`), and the
+    training side in one training-batch forward, repeated per column from the same random
+    state (the same dropout masks; train-mode BatchNorm sees the whole batch each time). So
+    each row sums to ``value(..., "ghost")`` of that sample, called from the same random
+    state. One forward-mode pass per validation sample: meant for small batches (fidelity
+    studies). Buffers are restored; the random state ends as ``value`` leaves it.
     """
     est = GhostEstimator()
+    params = trainable_parameters(model)
     cols = []
     with preserved_buffers(model):
-        for z in range(len(val_batch)):
-            est.refresh(model, val_batch.select(torch.tensor([z])))
+        per_z = per_sample_validation_gradients(model, val_batch, est.chunk_size)
+        start = _rng_state()
+        for g in per_z:
+            _set_rng_state(start)
+            est._params = params
+            est._tangents = {id(p): gz for p, gz in zip(params, g)}
             with est.capture(model, train_batch) as cap:
                 forward_logits(model, train_batch.inputs)
             cols.append(est.score(cap))
+    if not cols:
+        raise ValueError("pairwise needs at least one validation sample")
     return torch.stack(cols, dim=1)
 
 
