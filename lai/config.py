@@ -80,7 +80,8 @@ class EstimatorConfig:
     offload: bool = False  # lai/lli: cache in host memory, prefetched per layer (for CUDA)
     # static estimators (runner=two_round): ip | lissa | datainf | trak
     damping: Optional[float] = None  # lissa: lambda (None -> 0.01); datainf: None = its rule
-    lissa_scale: float = 10.0  # LiSSA: must exceed the top eigenvalue of H + lambda I
+    lissa_scale: Optional[float] = None  # LiSSA: > the top eigenvalue of H + lambda I; None =
+    # 1.5 x (a power-iteration estimate + lambda)
     lissa_depth: int = 100  # LiSSA recursion steps
     lissa_repeats: int = 1  # LiSSA independent repeats, averaged
     proj_dim: int = 2048  # TRAK projection dimension
@@ -286,7 +287,8 @@ def validate(cfg: Any) -> None:
         (cfg.estimator.damping is None or cfg.estimator.damping >= 0,
          "estimator.damping must be >= 0"),
         (cfg.estimator.lissa_depth >= 1 and cfg.estimator.lissa_repeats >= 1
-         and cfg.estimator.lissa_scale > 0, "estimator.lissa_depth/repeats/scale must be > 0"),
+         and (cfg.estimator.lissa_scale is None or cfg.estimator.lissa_scale > 0),
+         "estimator.lissa_depth/repeats/scale must be > 0"),
         (cfg.estimator.proj_dim >= 1 and cfg.estimator.trak_checkpoints >= 1,
          "estimator.proj_dim and trak_checkpoints must be >= 1"),
         (cfg.estimator.hessian_samples >= 1, "estimator.hessian_samples must be >= 1"),

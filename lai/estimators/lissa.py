@@ -14,7 +14,10 @@ with ``H`` the mean Hessian of the per-sample loss ``ell`` over the Hessian samp
 where ``H_t h`` is the Hessian-vector product of the **mean** loss of one Hessian batch
 (double backward), the batches being taken in a seeded random order, reshuffled after each
 pass over them. The series converges when ``scale`` exceeds the largest eigenvalue of
-``H_t + lambda I``; its error shrinks like ``(1 - (mu_min + lambda)/scale)^depth``.
+``H_t + lambda I`` and ``lambda`` exceeds any negative curvature; its error shrinks like
+``(1 - (mu_min + lambda)/scale)^depth``. By default ``scale`` comes from the data (a power
+iteration), a recursion stops once it stops changing, a diverging one is an error, and the
+residual of the solve is reported (:func:`inverse_hvp`).
 ``repeats`` independent recursions (different orders) are averaged. Then every ``v_j`` is
 the exact directional derivative ``<s, grad ell_j>`` (one forward-mode pass per training
 batch, :func:`lai.estimators.ghost.directional_derivatives`): no per-sample gradient is ever
@@ -23,11 +26,12 @@ formed.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
 
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.capture import preserved_buffers
@@ -58,71 +62,160 @@ def hessian_vector_product(model: nn.Module, batch: Batch,
     """``H v`` for the Hessian of the **mean** per-sample loss of ``batch`` (double backward),
     in trainable-parameter order; parameters the loss does not reach get zeros."""
     params = trainable_parameters(model)
-    with preserved_buffers(model), torch.enable_grad():
+    # fused attention kernels have no double backward; PyTorch's math backend has one
+    with preserved_buffers(model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         loss = per_sample_loss(forward_logits(model, batch.inputs), batch.labels).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         out = [torch.zeros_like(v) for v in vector]
         if used:
-            hv = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
-                                     grad_outputs=[vector[i].to(params[i].dtype) for i in used],
-                                     allow_unused=True)
+            try:
+                hv = torch.autograd.grad(
+                    [grads[i] for i in used], [params[i] for i in used],
+                    grad_outputs=[vector[i].to(params[i].dtype) for i in used],
+                    allow_unused=True)
+            except RuntimeError as e:
+                if "derivative for" in str(e) and "not implemented" in str(e):
+                    raise NotImplementedError(
+                        "lissa needs second derivatives (Hessian-vector products) through "
+                        f"every operation of the model, and one has none: "
+                        f"{str(e).splitlines()[0]}; use ip or datainf (first order)") from e
+                raise
             for i, h in zip(used, hv):
                 if h is not None:
                     out[i] = h.detach().to(vector[i].dtype)
     return out
 
 
+class LissaDivergedError(RuntimeError):
+    """The LiSSA recursion grew without bound: its values would be meaningless."""
+
+
+def _norm(ts: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def top_eigenvalue(model: nn.Module, hessian_batches: Sequence[Batch], iterations: int = 20,
+                   seed: int = 0) -> float:
+    """Largest ``|eigenvalue|`` of the one-batch Hessians, by power iteration on
+    Hessian-vector products cycling through ``hessian_batches`` (the largest estimate seen):
+    what LiSSA's ``scale`` must exceed. ``iterations`` HVPs in all."""
+    params = trainable_parameters(model)
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    v = [torch.randn(p.shape, generator=gen).to(p.device, _work_dtype(p)) for p in params]
+    n = _norm(v)
+    v = [t / n for t in v]
+    top = 0.0
+    for k in range(iterations):
+        hv = hessian_vector_product(model, hessian_batches[k % len(hessian_batches)], v)
+        n = _norm(hv)
+        if not math.isfinite(n) or n == 0.0:
+            break
+        top = max(top, n)
+        v = [t / n for t in hv]
+    return top
+
+
+def mean_hvp(model: nn.Module, hessian_batches: Sequence[Batch],
+             vector: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``H v`` for ``H`` the mean of the Hessian batches' (mean-loss) Hessians."""
+    total = [torch.zeros_like(t) for t in vector]
+    for batch in hessian_batches:
+        for acc, h in zip(total, hessian_vector_product(model, batch, vector)):
+            acc.add_(h, alpha=1.0 / len(hessian_batches))
+    return total
+
+
 def inverse_hvp(model: nn.Module, vector: list[torch.Tensor], hessian_batches: Sequence[Batch],
-                *, damping: float = 0.01, scale: float = 10.0, depth: int = 100,
-                repeats: int = 1, seed: int = 0) -> list[torch.Tensor]:
-    """LiSSA estimate of ``(H + damping I)^{-1} vector`` (see module docstring)."""
+                *, damping: float = 0.01, scale: float | None = None, depth: int = 100,
+                repeats: int = 1, seed: int = 0, tol: float = 1e-4, progress: bool = False,
+                info: dict | None = None) -> list[torch.Tensor]:
+    """LiSSA estimate of ``(H + damping I)^{-1} vector`` (see module docstring).
+
+    ``scale=None``: 1.5 x (the largest one-batch Hessian eigenvalue, :func:`top_eigenvalue`,
+    + ``damping``). Each recursion stops after ``depth`` steps, or earlier once a step changes
+    the estimate by less than ``tol`` (relative). Raises :class:`LissaDivergedError` when the
+    recursion blows up (a ``scale`` below the top eigenvalue, or negative curvature larger
+    than ``damping``). ``info``, if given, receives ``scale``, ``top_eigenvalue``, ``steps``
+    (per repeat) and ``residual`` = ``|(H + damping I) s - vector| / |vector|`` with ``H`` the
+    mean Hessian of the batches (one more HVP per batch): how far the estimate is from the
+    exact solve.
+    """
     batches = list(hessian_batches)
     if not batches:
         raise ValueError("lissa needs at least one Hessian batch")
-    if scale <= 0 or depth < 0 or repeats < 1:
-        raise ValueError(f"lissa needs scale > 0, depth >= 0, repeats >= 1; got scale={scale}, "
-                         f"depth={depth}, repeats={repeats}")
+    if (scale is not None and scale <= 0) or depth < 0 or repeats < 1 or damping < 0:
+        raise ValueError(f"lissa needs scale > 0 (or None), depth >= 0, repeats >= 1, "
+                         f"damping >= 0; got scale={scale}, depth={depth}, repeats={repeats}, "
+                         f"damping={damping}")
+    info = {} if info is None else info
+    if scale is None:
+        info["top_eigenvalue"] = top_eigenvalue(model, batches, seed=seed)
+        scale = 1.5 * (info["top_eigenvalue"] + damping)
+        if scale <= 0:
+            scale = 1.0  # a zero Hessian and no damping: any scale works
+    info["scale"] = scale
     v = [t.detach() for t in vector]
-    v_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
+    v_norm = _norm(v)
     gen = torch.Generator().manual_seed(int(seed))
     result = [torch.zeros_like(t) for t in v]
-    for _ in range(repeats):
-        h = [t.clone() for t in v]
-        order: list[int] = []
-        for step in range(depth):
-            if not order:
-                order = torch.randperm(len(batches), generator=gen).tolist()
-            hv = hessian_vector_product(model, batches[order.pop(0)], h)
-            # h <- v + h - (H h + damping h) / scale
-            h = [vi + hi * (1.0 - damping / scale) - hvi / scale
-                 for vi, hi, hvi in zip(v, h, hv)]
-            h_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in h))
-            if not math.isfinite(h_norm) or h_norm > DIVERGENCE * max(v_norm, 1e-300):
-                warnings.warn(
-                    f"LiSSA recursion diverged at step {step + 1} (norm {h_norm:.3g} vs "
-                    f"initial {v_norm:.3g}): increase `scale` (now {scale}) above the largest "
-                    "Hessian eigenvalue, or increase `damping`", RuntimeWarning, stacklevel=3)
-                break
-        for acc, hi in zip(result, h):
-            acc.add_(hi, alpha=1.0 / (scale * repeats))
+    info["steps"] = []
+    bar = tqdm(total=depth * repeats, desc="LiSSA", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    try:
+        for _ in range(repeats):
+            h = [t.clone() for t in v]
+            order: list[int] = []
+            steps = 0
+            for step in range(depth):
+                if not order:
+                    order = torch.randperm(len(batches), generator=gen).tolist()
+                hv = hessian_vector_product(model, batches[order.pop(0)], h)
+                # h <- v + h - (H h + damping h) / scale
+                new = [vi + hi * (1.0 - damping / scale) - hvi / scale
+                       for vi, hi, hvi in zip(v, h, hv)]
+                change = _norm([a - b for a, b in zip(new, h)])
+                h, steps = new, step + 1
+                bar.update(1)
+                h_norm = _norm(h)
+                if not math.isfinite(h_norm) or h_norm > DIVERGENCE * max(v_norm, 1e-300):
+                    raise LissaDivergedError(
+                        f"LiSSA recursion diverged at step {step + 1} (norm {h_norm:.3g} vs "
+                        f"initial {v_norm:.3g}) with scale {scale:.4g} and damping {damping}: "
+                        "the Hessian has directions the recursion cannot invert; raise "
+                        "damping (estimator.damping) above its negative curvature, or scale "
+                        "(estimator.lissa_scale) above its largest eigenvalue")
+                bar.set_postfix(change=f"{change / max(h_norm, 1e-300):.1e}")
+                if change <= tol * h_norm:
+                    break
+            info["steps"].append(steps)
+            for acc, hi in zip(result, h):
+                acc.add_(hi, alpha=1.0 / (scale * repeats))
+    finally:
+        bar.close()
+    hs = mean_hvp(model, batches, result)
+    info["residual"] = _norm([a + damping * r - b for a, r, b in zip(hs, result, v)]) / \
+        max(v_norm, 1e-300)
     return result
 
 
 def lissa_values(model: nn.Module, train_batches: Sequence[Batch], val_batches: Sequence[Batch],
-                 hessian_batches: Sequence[Batch], *, damping: float = 0.01, scale: float = 10.0,
-                 depth: int = 100, repeats: int = 1, seed: int = 0) -> torch.Tensor:
+                 hessian_batches: Sequence[Batch], *, damping: float = 0.01,
+                 scale: float | None = None, depth: int = 100, repeats: int = 1, seed: int = 0,
+                 tol: float = 1e-4, progress: bool = False,
+                 info: dict | None = None) -> torch.Tensor:
     """``[N_train]`` LiSSA values ``g_V^T (H + damping I)^{-1} g_j`` (positive = helps), in
-    the order of ``train_batches``; see the module docstring.
+    the order of ``train_batches``; see the module docstring and :func:`inverse_hvp` (the
+    scale from the data when None, the stop on convergence, ``info`` with the residual).
 
     ``train_batches``, ``val_batches``, ``hessian_batches``: re-iterable sequences of
     :class:`~lai.batching.Batch` on the model's device. The model's current mode is used;
-    parameters and buffers are left unchanged. A ``RuntimeWarning`` is issued if the
-    recursion diverges (then increase ``scale``).
+    parameters and buffers are left unchanged. Raises :class:`LissaDivergedError` if the
+    recursion diverges.
     """
     g_v = total_validation_gradient(model, val_batches)
     s = inverse_hvp(model, g_v, hessian_batches, damping=damping, scale=scale, depth=depth,
-                    repeats=repeats, seed=seed)
+                    repeats=repeats, seed=seed, tol=tol, progress=progress, info=info)
     values = [directional_derivatives(model, batch, s) for batch in train_batches]
     if not values:
         return torch.zeros(0)

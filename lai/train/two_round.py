@@ -50,12 +50,15 @@ def _batches(split: TensorSplit, rows: torch.Tensor, data: DataBundle, device: t
     return out
 
 
-def static_options(cfg: DictConfig, checkpoints: list[dict]) -> dict:
-    """The keyword options of the configured static estimator."""
+def static_options(cfg: DictConfig, checkpoints: list[dict], info: dict | None = None) -> dict:
+    """The keyword options of the configured static estimator (LiSSA also reports into
+    ``info``: its scale, steps and residual)."""
     e = cfg.estimator
     if e.name == "lissa":
         return {"damping": 0.01 if e.damping is None else e.damping, "scale": e.lissa_scale,
-                "depth": e.lissa_depth, "repeats": e.lissa_repeats, "seed": cfg.seed}
+                "depth": e.lissa_depth, "repeats": e.lissa_repeats, "seed": cfg.seed,
+                "progress": bool(cfg.trainer.get("progress", False)),
+                "info": {} if info is None else info}
     if e.name == "datainf":
         return {"damping": e.damping}
     if e.name == "trak":
@@ -127,11 +130,12 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
     val_rows = torch.randperm(len(data.val), generator=gen)[:n_val]
     hess_rows = torch.randperm(n, generator=gen)[:min(n, cfg.estimator.hessian_samples)]
     size = tcfg.eval_batch_size
+    solver: dict = {}  # what the estimator reports about its solve (LiSSA's residual)
     values = static_values(
         cfg.estimator.name, model, _batches(data.train, torch.arange(n), data, device, size),
         _batches(data.val, val_rows, data, device, size),
         _batches(data.train, hess_rows, data, device, tcfg.batch_size),
-        **static_options(cfg, checkpoints))
+        **static_options(cfg, checkpoints, solver))
     values = values.detach().float().cpu().numpy()
     scoring_s = time.perf_counter() - t0
     removed = np.flatnonzero(values < cfg.runner.threshold)
@@ -139,7 +143,8 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
     np.save(recorder.dir / "static_scores.npy", values.astype(np.float32))
     np.save(recorder.dir / "removed_indices.npy", removed.astype(np.int64))
     stats = {"removed": int(len(removed)), "kept_train": int(len(kept_rows)),
-             "static_scoring_s": scoring_s, "n_val_scored_against": int(n_val)}
+             "static_scoring_s": scoring_s, "n_val_scored_against": int(n_val),
+             **{f"{cfg.estimator.name}_{k}": v for k, v in solver.items()}}
     if data.noisy is not None:
         kept_flags = np.ones(n, dtype=np.int8)
         kept_flags[removed] = 0

@@ -85,3 +85,20 @@ def test_round1_is_shared_by_static_methods_and_changes_nothing(tiny_overrides, 
     other = run_experiment(compose_cfg(*args, "estimator=ip", "trainer.lr=0.05",
                                        *tiny_overrides))
     assert other["round1_from"] is None
+
+
+def test_two_round_lissa_records_the_solve_and_fails_when_it_diverges(tiny_overrides):
+    from lai.estimators.lissa import LissaDivergedError
+
+    args = ["dataset=digits_n", "estimator=lissa", "trainer.epochs=1",
+            "estimator.lissa_depth=20", *tiny_overrides]
+    s = run_experiment(compose_cfg(*args))
+    assert s["status"] == "completed"
+    assert s["lissa_scale"] > 0 and 0 <= s["lissa_residual"] and s["lissa_steps"][0] <= 20
+    with pytest.raises(LissaDivergedError):
+        run_experiment(compose_cfg(*args, "estimator.lissa_scale=1e-4", "estimator.damping=0"))
+    import json
+    from pathlib import Path
+    failed = [json.loads(p.read_text()) for p in Path(tiny_overrides[0].split("=", 1)[1])
+              .rglob("summary.json")]
+    assert any(f["status"] == "failed" and "diverged" in f["error"] for f in failed)
