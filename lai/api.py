@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lai.batching import as_batch, forward_logits
+from lai.batching import Batch, as_batch, forward_logits, resolve_labels
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.ghost_flat import flattened_ghost_values
@@ -19,7 +19,7 @@ ONLINE_METHODS = ("lai", "lli", "ghost")
 def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
           output_layer: str | None = None, layers: str | Sequence[str] | None = None,
           cache: str = "auto", chunk_size: int = 512, hessian_batch: Any = None,
-          **options: Any) -> torch.Tensor:
+          lm_labels: str = "auto", **options: Any) -> torch.Tensor:
     """Value of every sample of ``train_batch`` against ``val_batch``.
 
     Returns a float tensor ``[len(train_batch)]`` (float64 if the model is float64).
@@ -28,7 +28,12 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
 
     Batches are ``(inputs, targets)`` tuples or dicts of model keyword arguments with a
     ``labels`` key (Hugging Face style); model outputs may be tensors or have ``.logits``.
-    The loss is per-sample cross-entropy. The model is scored in its current mode
+    The loss is per-sample cross-entropy (for token labels: the mean over a sample's labelled
+    positions). Token labels ``[B, T]`` follow ``lm_labels``
+    (:func:`lai.batching.resolve_labels`): by default Hugging Face's convention for a Hugging
+    Face causal LM (labels = input ids, shifted inside; ``-100`` ignored), aligned with the
+    logits for other Hugging Face models and for a :class:`lai.batching.Batch`, and an error
+    asking which for any other model. The model is scored in its current mode
     (train/eval); its parameters and buffers are left exactly as they were.
 
     Methods:
@@ -57,21 +62,25 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
     (default ``train_batch``).
     """
     method = _method_name(method, ("lai", "lli", "ghost", "ghost_flat", *STATIC))
+
+    def batch(raw: Any) -> Batch:
+        return resolve_labels(model, raw, as_batch(raw), lm_labels)
+
     if method in STATIC:
         if hessian_batch is None:
             hessians = None
         elif isinstance(hessian_batch, (tuple, dict)) or hasattr(hessian_batch, "labels"):
-            hessians = [as_batch(hessian_batch)]
+            hessians = [batch(hessian_batch)]
         else:
-            hessians = [as_batch(b) for b in hessian_batch]
+            hessians = [batch(b) for b in hessian_batch]
         with preserved_buffers(model):
-            return static_values(method, model, [as_batch(train_batch)], [as_batch(val_batch)],
+            return static_values(method, model, [batch(train_batch)], [batch(val_batch)],
                                  hessians, **options)
     if options:
         raise TypeError(f"method {method!r} takes no options {sorted(options)}")
     if method == "ghost_flat":
-        return flattened_ghost_values(model, as_batch(train_batch), as_batch(val_batch))
-    train, val = as_batch(train_batch), as_batch(val_batch)
+        return flattened_ghost_values(model, batch(train_batch), batch(val_batch))
+    train, val = batch(train_batch), batch(val_batch)
     est = build_estimator(method, layers=layers, output_layer=output_layer, cache=cache,
                           chunk_size=chunk_size)
     with torch.no_grad(), preserved_buffers(model):
@@ -82,16 +91,18 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
 
 
 def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "ghost", *,
-             output_layer: str | None = None, layers: str | Sequence[str] | None = None
-             ) -> torch.Tensor:
+             output_layer: str | None = None, layers: str | Sequence[str] | None = None,
+             lm_labels: str = "auto") -> torch.Tensor:
     """``[len(train_batch), len(val_batch)]``: the value of each training sample against each
     validation sample (positive = helps); each row sums to :func:`value` of that sample.
 
     ``ghost``: ``<grad ell_z, grad ell_j>`` over all trainable parameters (one forward-mode
-    pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums.
+    pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums. Token
+    labels follow ``lm_labels`` as in :func:`value`.
     """
     method = _method_name(method, ONLINE_METHODS)
-    train, val = as_batch(train_batch), as_batch(val_batch)
+    train = resolve_labels(model, train_batch, as_batch(train_batch), lm_labels)
+    val = resolve_labels(model, val_batch, as_batch(val_batch), lm_labels)
     if method == "ghost":
         return ghost_pairwise(model, train, val)
     est = build_estimator(method, layers=layers, output_layer=output_layer, cache="pairwise")

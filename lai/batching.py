@@ -144,3 +144,65 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ).view(labels.shape)
     counts = (labels != IGNORE_INDEX).sum(dim=1).clamp_min(1)
     return flat.sum(dim=1) / counts
+
+
+LM_LABELS = ("auto", "hf", "aligned")
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face causal language model (``...ForCausalLM``, ``...LMHeadModel``): it
+    takes ``labels`` equal to the input ids and shifts them inside its loss."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face ``transformers`` model (its config is a ``PretrainedConfig``)."""
+    config = getattr(model, "config", None)
+    return any(c.__name__.lower() == "pretrainedconfig" and c.__module__.startswith("transformers")
+               for c in type(config).__mro__)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face causal-LM labels (the input ids; ``-100`` = ignored) aligned with the
+    logits: position ``t`` predicts ``labels[:, t + 1]``, the last position nothing. The
+    per-sample loss on the result is the model's own (shifted) loss of that sample."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def resolve_labels(model: nn.Module, raw: Any, batch: Batch, lm_labels: str = "auto") -> Batch:
+    """``batch`` with token labels ``[B, T]`` aligned with the logits, as the estimators take
+    them (a :class:`Batch` the caller built is taken as aligned already).
+
+    ``lm_labels``: ``"hf"`` = Hugging Face's causal-LM convention (labels = the input ids,
+    shifted inside); ``"aligned"`` = ``labels[:, t]`` is what ``logits[:, t]`` predicts;
+    ``"auto"`` = ``hf`` for a Hugging Face causal LM, ``aligned`` for other Hugging Face
+    models (token classification and masked LMs do not shift) and for a ``Batch``, and a
+    ValueError saying what to pass for any other model given integer token labels.
+    """
+    if lm_labels not in LM_LABELS:
+        raise ValueError(f"lm_labels={lm_labels!r} is not one of: {', '.join(LM_LABELS)}")
+    labels = batch.labels
+    if labels.dim() != 2 or labels.is_floating_point():
+        return batch  # one label (or a soft-label row) per sample: nothing to align
+    if lm_labels == "auto":
+        if isinstance(raw, Batch) or (is_hf_model(model) and not is_hf_causal_lm(model)):
+            return batch
+        if not is_hf_causal_lm(model):
+            raise ValueError(
+                f"token labels [B, T] for a {type(model).__name__}, which is not a Hugging "
+                "Face model: say how they line up with the logits, lm_labels='hf' (labels = "
+                "the input ids, as Hugging Face causal LMs take them: shifted by one here) or "
+                "lm_labels='aligned' (labels[:, t] is what logits[:, t] predicts)")
+        lm_labels = "hf"
+    if lm_labels == "aligned":
+        return batch
+    return Batch(batch.inputs, shift_labels(labels), batch.idx)

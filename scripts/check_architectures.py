@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lai import value  # noqa: E402
-from lai.batching import as_batch  # noqa: E402
+from lai.batching import as_batch, resolve_labels, shift_labels  # noqa: E402
 from lai.estimators import ghost_probe  # noqa: E402
 from lai.estimators.ghost import GhostEstimator  # noqa: E402
 from tests.estimators import brute  # noqa: E402
@@ -160,9 +160,8 @@ def make_batch(kind: str, n: int, seed: int) -> Any:
         ids[:, -1] = 2  # one EOS per row, at the end (BART/T5 classify from it)
     else:
         mask[0, -2:] = 0
-    if kind == "lm":  # position t predicts token t + 1; padding and the last position ignored
-        labels = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], 1)
-        labels[mask == 0] = -100
+    if kind == "lm":  # Hugging Face's convention: labels = the input ids, padding ignored
+        labels = ids.masked_fill(mask == 0, -100)
     else:
         labels = torch.randint(0, LABELS, (n,), generator=g)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -176,7 +175,9 @@ def reference_values(model: nn.Module, train: Any, val: Any) -> torch.Tensor:
 
     def grads(b: Any) -> torch.Tensor:
         if isinstance(b, dict):
-            return brute.per_sample_grads_autograd(model, names, brute.strip(b), b["labels"],
+            labels = b["labels"]  # a causal LM's: position t predicts token t + 1
+            labels = shift_labels(labels) if labels.dim() == 2 else labels
+            return brute.per_sample_grads_autograd(model, names, brute.strip(b), labels,
                                                    kwargs=True)
         return brute.per_sample_grads_autograd(model, names, b[0], b[1])
 
@@ -222,8 +223,9 @@ def check(name: str) -> dict[str, Any]:
         elif forward_values is not None:
             est = GhostEstimator(mode="probe")
             try:  # the refresh tries the probe form on validation rows first
-                est.refresh(model, as_batch(val))
-                row["probe"] = rel_err(est.probe_values(model, as_batch(train)), forward_values)
+                est.refresh(model, resolve_labels(model, val, as_batch(val)))
+                row["probe"] = rel_err(est.probe_values(
+                    model, resolve_labels(model, train, as_batch(train))), forward_values)
             except Exception as e:  # noqa: BLE001
                 row["probe_note"] = f"defeated at run time, auto uses forward ({_short(e)})"
         try:

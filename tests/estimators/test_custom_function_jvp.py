@@ -184,7 +184,7 @@ def test_ghost_on_a_model_with_a_custom_function(train):
     tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
     va = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
     ref = _loop_reference(model, tr, va, kwargs=False)
-    assert rel_err(value(model, tr, va, method="ghost"), ref) < 1e-10
+    assert rel_err(value(model, tr, va, lm_labels="aligned", method="ghost"), ref) < 1e-10
 
 
 def _tiny_bloom() -> nn.Module:
@@ -204,7 +204,7 @@ def test_ghost_on_bloom():
     model = _tiny_bloom().eval()
     tr, va = lm_batch(4, 6, 40, seed=1), lm_batch(3, 6, 40, seed=2)
     ref = _loop_reference(model, tr, va, kwargs=True)
-    assert rel_err(value(model, tr, va, method="ghost"), ref) < 1e-9
+    assert rel_err(value(model, tr, va, lm_labels="aligned", method="ghost"), ref) < 1e-9
 
 
 @pytest.mark.parametrize("arch", ["mlp", "bloom"])
@@ -271,5 +271,8 @@ def test_static_estimators_on_a_model_with_a_custom_function(method):
     values = []
     for model in (custom, plain):
         torch.manual_seed(5)  # TRAK's projection, LiSSA's sampling
-        values.append(value(model, tr, va, method=method))
+        # an explicit LiSSA scale: this random-init net's negative curvature exceeds the
+        # default damping, and the data-driven scale would (rightly) report divergence
+        options = {"scale": 10.0} if method == "lissa" else {}
+        values.append(value(model, tr, va, method=method, **options))
     assert rel_err(values[0], values[1]) < 1e-10

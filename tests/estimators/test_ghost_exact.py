@@ -39,9 +39,9 @@ def check(model, tr, va, kwargs, probe=True):
     else:
         ref, ref_pairs = reference(model, tr[0], tr[1], va[0], va[1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    v = value(model, tr, va, method="ghost")
+    v = value(model, tr, va, lm_labels="aligned", method="ghost")
     assert rel_err(v, ref) < REL
-    pairs = pairwise(model, tr, va, method="ghost")
+    pairs = pairwise(model, tr, va, lm_labels="aligned", method="ghost")
     assert pairs.shape == ref_pairs.shape and rel_err(pairs, ref_pairs) < REL
     assert rel_err(pairs.sum(1), v) < REL
     if probe:
@@ -137,7 +137,7 @@ def test_hf_models_with_sdpa_attention(arch):
         out[fast] = est.score(cap)
         assert rel_err(out[fast], ref) < tol, fast
     assert rel_err(out[True], out[False]) < 1e-12
-    pairs = pairwise(model, tr, va, method="ghost")
+    pairs = pairwise(model, tr, va, lm_labels="aligned", method="ghost")
     assert rel_err(pairs, ref_pairs) < tol
 
 
@@ -224,7 +224,7 @@ def test_one_pass_training_forward_keeps_its_backward():
                               list(model.parameters()))
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g)
-    assert rel_err(est.score(cap), value(model, tr, va, method="ghost")) < REL
+    assert rel_err(est.score(cap), value(model, tr, va, lm_labels="aligned", method="ghost")) < REL
 
 
 def test_operation_without_forward_ad_gives_a_clear_error():

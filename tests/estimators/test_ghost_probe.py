@@ -30,7 +30,7 @@ def check_against_brute_force(model, tr, va) -> None:
     gv = brute.per_sample_grads(model, names, va[0], va[1])
     v = probe(model, tr, va)
     assert rel_err(v, gt @ gv.sum(0)) < REL
-    assert rel_err(v, value(model, tr, va, method="ghost")) < REL  # = the forward-mode form
+    assert rel_err(v, value(model, tr, va, lm_labels="aligned", method="ghost")) < REL  # = the forward-mode form
 
 
 def test_frozen_parameters_and_group_and_rms_norm():
@@ -99,7 +99,7 @@ def test_batchnorm_train_mode_probe_is_the_per_route_split_with_the_same_sum():
     tr = (torch.randn(6, 3, 10, 10), torch.randint(0, 4, (6,)))
     va = (torch.randn(3, 3, 10, 10), torch.randint(0, 4, (3,)))
     v_probe = probe(model, tr, va)
-    v_forward = value(model, tr, va, method="ghost")
+    v_forward = value(model, tr, va, lm_labels="aligned", method="ghost")
     assert rel_err(v_probe.sum(), v_forward.sum()) < REL
     assert rel_err(v_probe, v_forward) > 1e-3
 
@@ -172,7 +172,7 @@ def test_torchvision_resnet18_in_place_relu_after_batchnorm_eval():
     model.eval()
     tr = (torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))
     va = (torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,)))
-    assert rel_err(probe(model, tr, va), value(model, tr, va, method="ghost")) < REL
+    assert rel_err(probe(model, tr, va), value(model, tr, va, lm_labels="aligned", method="ghost")) < REL
 
 
 class GatedScale(nn.Module):
@@ -283,7 +283,7 @@ def test_replay_probe_refuses_a_module_with_randomness():
     assert est.active_mode == "forward"
     model.eval()  # no random numbers: the replay probe applies
     tr = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
-    assert rel_err(probe(model, tr, va), value(model, tr, va, method="ghost")) < REL
+    assert rel_err(probe(model, tr, va), value(model, tr, va, lm_labels="aligned", method="ghost")) < REL
 
 
 def test_replay_probe_refuses_a_module_that_mixes_the_samples():

@@ -59,7 +59,7 @@ def test_gpt2_blocks_count_as_token_layers():
     names = select_layers(model, "all")
     assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "lm_head"} <= set(names)
     ref = token_pairing_reference(model, tr, va, names)
-    lai = value(model, tr, va, method="lai")
+    lai = value(model, tr, va, lm_labels="aligned", method="lai")
     assert rel_err(lai, ref) < 1e-9
-    assert rel_err(lai, value(model, tr, va, method="lai", cache="pairwise")) < 1e-9
-    assert rel_err(lai, value(model, tr, va, method="lli")) > 1e-3  # no longer LLI alone
+    assert rel_err(lai, value(model, tr, va, lm_labels="aligned", method="lai", cache="pairwise")) < 1e-9
+    assert rel_err(lai, value(model, tr, va, lm_labels="aligned", method="lli")) > 1e-3  # no longer LLI alone

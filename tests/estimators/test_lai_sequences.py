@@ -60,8 +60,8 @@ def test_lli_causal_lm_equals_per_sample_lm_head_gradients():
     gv = brute.per_sample_grads(model, ["lm_head.weight"], strip(va), va["labels"], True)
     ref = gt @ gv.sum(0)
     for cache in ("folded", "pairwise"):
-        assert rel_err(value(model, tr, va, method="lli", cache=cache), ref) < REL
-    assert rel_err(pairwise(model, tr, va, method="lli"), gt @ gv.T) < REL
+        assert rel_err(value(model, tr, va, lm_labels="aligned", method="lli", cache=cache), ref) < REL
+    assert rel_err(pairwise(model, tr, va, lm_labels="aligned", method="lli"), gt @ gv.T) < REL
 
 
 def test_lai_causal_lm_token_pairing_brute_force():
@@ -70,13 +70,13 @@ def test_lai_causal_lm_token_pairing_brute_force():
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ref = token_pairing_reference(model, tr, va, names)
     for cache in ("folded", "pairwise"):
-        assert rel_err(value(model, tr, va, method="lai", cache=cache), ref) < REL
+        assert rel_err(value(model, tr, va, lm_labels="aligned", method="lai", cache=cache), ref) < REL
 
 
 def test_self_influence_lm_is_symmetric_pairwise():
     model = tiny_lm()
     b = lm_batch(4, 8, 40, 5)
-    p = pairwise(model, b, b, method="lai")
+    p = pairwise(model, b, b, lm_labels="aligned", method="lai")
     assert torch.allclose(p, p.T, atol=1e-12)
     assert (torch.diagonal(p) >= 0).all()  # each sample agrees with itself
 
@@ -94,10 +94,10 @@ def test_gpt_neo_sequence_classification_lli_exact():
     gt = brute.per_sample_grads(model, ["score.weight"], strip(tr), tr["labels"], True)
     gv = brute.per_sample_grads(model, ["score.weight"], strip(va), va["labels"], True)
     for cache in ("folded", "pairwise"):
-        assert rel_err(value(model, tr, va, method="lli", cache=cache), gt @ gv.sum(0)) < REL
+        assert rel_err(value(model, tr, va, lm_labels="aligned", method="lli", cache=cache), gt @ gv.sum(0)) < REL
     # LAI: folded and pairwise agree, and the values are finite and not all zero
-    a = value(model, tr, va, method="lai", cache="folded")
-    b = value(model, tr, va, method="lai", cache="pairwise")
+    a = value(model, tr, va, lm_labels="aligned", method="lai", cache="folded")
+    b = value(model, tr, va, lm_labels="aligned", method="lai", cache="pairwise")
     assert rel_err(a, b) < REL and a.abs().sum() > 0
 
 
@@ -132,7 +132,7 @@ def test_lm_cache_holds_only_what_its_form_reads(cache, method):
     est.refresh(model, as_batch(va))
     assert (est.g_v is None) == (cache == "folded")
     assert _held_tensor_bytes(est) == est.cache_bytes() > 0
-    other = value(model, tr, va, method=method,
+    other = value(model, tr, va, lm_labels="aligned", method=method,
                   cache="pairwise" if cache == "folded" else "folded")
     with est.capture(model, as_batch(tr)) as cap:
         model(**strip(tr))
@@ -254,7 +254,7 @@ def test_lai_on_layers_fed_flattened_token_rows_opt():
     assert any(n.endswith("fc1") for n in names)
     ref = token_pairing_reference(model, tr, va, names)
     for cache in ("folded", "pairwise"):
-        assert rel_err(value(model, tr, va, method="lai", cache=cache), ref) < REL
+        assert rel_err(value(model, tr, va, lm_labels="aligned", method="lai", cache=cache), ref) < REL
 
 
 def test_layer_rows_that_are_not_per_sample_fail_clearly():
