@@ -42,10 +42,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lai.batching import Batch, forward_logits, per_sample_loss
+from lai.curate import Curator
 from lai.config import EstimatorConfig, TrainerConfig
 from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
-from lai.estimators.capture import BufferSnapshot, preserved_buffers
 from lai.policies.base import Policy
 from lai.train import distributed as dist_mod
 from lai.train.accel import (autocast_context, compiled, to_channels_last,
@@ -157,7 +157,6 @@ class Trainer:
         self.rows = (np.arange(len(data.train)) if train_rows is None
                      else np.asarray(train_rows, dtype=np.int64))
         self.gen = torch.Generator().manual_seed(seed)
-        self.val_gen = torch.Generator().manual_seed(seed + 1)
         self.scoring = not isinstance(estimator, VanillaEstimator)
         self.self_influence = bool(estimator_cfg.self_influence)
         self.noisy = np.asarray(data.noisy, dtype=bool) if data.noisy is not None else None
@@ -173,7 +172,6 @@ class Trainer:
         # speed options: all forwards (the estimator's own too) run in `self._autocast()`;
         # forwards without estimator hooks run `self.fwd_model` (compiled when asked)
         self._autocast = autocast_context(device, getattr(trainer_cfg, "precision", "fp32"))
-        self.est.forward_context = self._autocast
         self.channels_last = wants_channels_last(getattr(trainer_cfg, "channels_last", "auto"),
                                                  model, device)
         if self.channels_last:
@@ -182,12 +180,20 @@ class Trainer:
         self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(device)
-        # copies of the model's buffers, reused by the no-grad scoring forwards (two_pass)
-        # while unchanged: e.g. GPT-Neo's 2048 x 2048 causal-mask buffers are not copied
-        # twice per step; on an accelerator the copies are kept in host memory
-        self._buffer_snapshot = BufferSnapshot(host=device.type != "cpu")
         self._in_train_mode = False  # model.train() has run in a step (see _step)
         self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
+        # the curation itself (estimator, policy, validation draws, the step's scoring) is
+        # the public lai.Curator: run.py and a user's own loop share one mechanism
+        self.curator = Curator(
+            model, None if self.self_influence else data.val, estimator, policy, val_fraction=estimator_cfg.val_fraction,
+            val_max=estimator_cfg.val_max, refresh_every=max(1, estimator_cfg.refresh_every),
+            val_mode=estimator_cfg.val_mode, self_influence=self.self_influence,
+            strategy=trainer_cfg.strategy, seed=seed + 1, forward_context=self._autocast,
+            refresh_context=lambda: self._refresh_timer.region(),
+            after_refresh=lambda est: dist_mod.reduce_cache(est, self.dist),
+            val_transform=self._val_transform, shard=self.dist.shard)
+        self.val_gen = (self.curator.val.gen if self.curator.val is not None
+                        else torch.Generator().manual_seed(seed + 1))
 
     # ---- inputs ----------------------------------------------------------------------
     def _prepare(self, inputs: Any, train: bool) -> Any:
@@ -202,44 +208,17 @@ class Trainer:
         return batch.to(self.device, non_blocking=True)
 
     # ---- validation cache ------------------------------------------------------------
-    def _val_batch(self) -> Batch:
-        n = len(self.data.val)
-        k = max(1, int(round(self.ecfg.val_fraction * n)))
-        if self.ecfg.val_max is not None:
-            k = min(k, int(self.ecfg.val_max))
-        rows = self.dist.shard(torch.randperm(n, generator=self.val_gen)[:k])
-        if len(rows) == 0:
-            raise ValueError(f"{k} validation rows per refresh cannot be shared by "
-                             f"{self.dist.world} ranks: raise estimator.val_fraction/val_max")
-        batch = self._to_device(self.data.val.gather(rows))
+    def _val_transform(self, batch: Batch) -> Batch:
+        """A validation draw on the device, preprocessed as evaluation batches are."""
+        batch = self._to_device(batch)
         return Batch(self._prepare(batch.inputs, False), batch.labels, batch.idx)
 
     def _refresh(self, batch: Batch | None = None) -> None:
         """Rebuild the cache from ``batch`` (default: a fresh validation draw); the time spent
         is added to ``self._refresh_timer`` (device time on CUDA, no host sync)."""
-        with self._refresh_timer.region():
-            vb = batch if batch is not None else self._val_batch()
-            was_training = self.model.training
-            self.model.train(self.ecfg.val_mode == "train")
-            try:
-                self.est.refresh(self.model, vb)  # buffers (BN statistics) restored inside
-                dist_mod.reduce_cache(self.est, self.dist)  # ranks' parts summed
-            finally:
-                self.model.train(was_training)
+        self.curator.refresh(batch)
 
     # ---- one step ----------------------------------------------------------------------
-    def _score(self, batch: Batch, grad: bool):
-        """Forward ``batch`` with the estimator attached; returns (logits, values)."""
-        ctx = nullcontext() if grad else torch.no_grad()
-        with ctx, (nullcontext() if grad else preserved_buffers(self.model,
-                                                                 self._buffer_snapshot)):
-            with self.est.capture(self.model, batch) as cap:
-                with self._autocast():
-                    logits = forward_logits(self.model, batch.inputs)
-            # a no-grad forward's logits can still be a grad leaf (the estimator's hooks make
-            # the output layer's output one): detached, the recorded loss builds no graph
-            return (logits if grad else logits.detach()), self.est.score(cap)
-
     def _update(self, losses: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Backward of the weighted mean of per-sample ``losses`` [B] (plain mean without
         weights); optimizer step."""
@@ -272,28 +251,9 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
 
-    def _kept_rows(self, keep: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the kept rows (``keep [B]`` bool) in increasing order; None = every row.
-
-        With a count fixed by the policy (e.g. percentile) they are found on the device: a
-        stable descending sort of the 0/1 mask puts the kept rows first, in order. Otherwise
-        ``nonzero`` waits for the device once: the count decides the shapes of the next pass.
-        """
-        b = keep.shape[0]
-        n = self.policy.fixed_kept(b)
-        if n is None:
-            rows = keep.nonzero().squeeze(1)
-            return None if rows.numel() == b else rows
-        if n >= b:
-            return None
-        return torch.sort(keep.to(torch.int8), descending=True, stable=True).indices[:n]
-
     def _step(self, raw: Batch, epoch: int, step: int) -> None:
         """One optimizer step on ``raw`` (on the device); what it records stays pending on the
         device until :meth:`_flush`."""
-        # a policy that needs no values (the random control) runs without an estimator too
-        own_values = not self.scoring and not self.policy.needs_values
-        score_now = (self.scoring or own_values) and self.policy.active(epoch)
         batch = Batch(self._prepare(raw.inputs, True), raw.labels, raw.idx)
         # train mode for every module, set by the first step; later steps find it set unless
         # something switched the model (evaluation, a refresh in eval mode: both switch and
@@ -301,41 +261,34 @@ class Trainer:
         if not (self._in_train_mode and self.model.training):
             self.model.train()
             self._in_train_mode = True
-        values = weights = keep = None
-        two_pass = score_now and self.scoring and self.cfg.strategy == "two_pass"
-        # values that exist only after the training backward (Ghost's probe form)
-        late = score_now and getattr(self.est, "scores_after_backward", False)
-        if score_now and self.self_influence:
-            self._refresh(batch)
-        if not score_now or own_values:
+        # the periodic refresh is fit()'s (before the step); self-influence refreshes here
+        st = self.curator.step(batch, epoch, step, refresh=False)
+        with st:  # the estimator's hooks ride on this forward (a no-grad one for two_pass)
             with self._autocast():
-                logits = forward_logits(self.fwd_model, batch.inputs)
-            if score_now:
-                values = self.policy.own_values(len(batch), step, logits.device)
-        elif late:
-            with self.est.capture(self.model, batch) as cap:
-                with self._autocast():
-                    logits = forward_logits(self.model, batch.inputs)
-        else:
-            logits, values = self._score(batch, grad=not two_pass)
+                logits = forward_logits(self.model if st.hooked else self.fwd_model,
+                                        batch.inputs)
+        late, two_pass = st.late, st.two_pass
+        if two_pass:
+            # a no-grad forward's logits can still be a grad leaf (the estimator's hooks make
+            # the output layer's output one): detached, the recorded loss builds no graph
+            logits = logits.detach()
+        values = None if late else st.values
+        weights, keep = st.weights, st.keep
         # computed once: it feeds the backward (one pass) and the record
         losses = per_sample_loss(logits.float(), batch.labels)
         b = len(batch)
         p = self._pending
-        if values is not None:
-            weights = self.policy.select(values, step, epoch)
-            keep = weights > 0
         if late:  # every sample trains with weight 1 (planned so): backward, then the values
-            cap.row_scale = self._backward(losses, None)
-            values = self.est.score(cap)
+            st.set_row_scale(self._backward(losses, None))
+            values = st.values
             self._optimizer_step()
-            keep = torch.ones(b, dtype=torch.bool, device=values.device)
+            keep = st.keep
             p.kept_host += b
         elif two_pass:  # forward + backward on the kept samples only
             # the scoring pass's logits have given the losses: gone before the second pass
             # instead of held through its peak (an LM's [B, T, vocab])
             del logits
-            rows = self._kept_rows(keep)
+            rows = st.kept_rows
             sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
             if len(sub) > 0:
                 with self._autocast():
@@ -424,15 +377,7 @@ class Trainer:
         (``fit`` calls it; so does the benchmark, which drives ``_step`` itself)."""
         self.opt = build_optimizer(self.model, self.cfg)
         if hasattr(self.est, "bind_optimizer"):
-            self.est.bind_optimizer(self.model, self.opt, self.ecfg.precondition)
-        if hasattr(self.est, "plan"):  # Ghost: probe form when values may come after backward
-            was_training = self.model.training
-            self.model.train()  # the mode the steps run in (BatchNorm coupling is checked)
-            try:
-                self.est.plan(self.model, values_before_backward=not (
-                    self.cfg.strategy == "one_pass" and self.policy.keeps_all_unweighted))
-            finally:
-                self.model.train(was_training)
+            self.curator.bind_optimizer(self.opt, self.ecfg.precondition)
         self.sched = build_scheduler(self.opt, self.cfg, total_steps, steps_per_epoch)
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(self.device)
@@ -458,8 +403,6 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start = time.perf_counter()
         history, samples_per_epoch, step = [], [], 0
-        periodic_refresh = (self.scoring and not self.self_influence
-                            and getattr(self.est, "needs_validation", True))
         all_values, all_kept = [], []
         last_eval: dict = {}
         self.checkpoints = []
@@ -476,7 +419,7 @@ class Trainer:
             t_start -= elapsed_before
         in_epoch = self.resume_state.get("in_epoch") if self.resume_state is not None else None
         ckpt_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
-        cache_ready = False  # no validation cache yet in this process
+        self.curator.cache_ready = False  # no validation cache yet in this process
         self._loop = {}
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total:
@@ -498,10 +441,8 @@ class Trainer:
             for i in bar:
                 if step >= total:
                     break
-                if (periodic_refresh and self.policy.active(epoch)
-                        and (step % max(1, self.ecfg.refresh_every) == 0 or not cache_ready)):
-                    self._refresh()  # also the first scored step (after a resume or warm-up)
-                    cache_ready = True
+                # also the first scored step (after a resume or warm-up)
+                self.curator.refresh_if_due(step, epoch)
                 rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
                 self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
                 step += 1

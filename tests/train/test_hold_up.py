@@ -34,7 +34,7 @@ def _summaries(root: Path) -> list[dict]:
 
 def _comparable(s: dict) -> dict:
     drop = {"wall_time_s", "cache_refresh_s", "peak_memory_mb", "host", "data_build_s",
-            "run_dir"}
+            "run_dir", "method"}  # method: the run folder's name (run_name differs)
     out = {k: v for k, v in s.items() if k not in drop}
     out["history"] = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in s["history"]]
     return out

@@ -62,10 +62,12 @@ def test_vanilla_keeps_everything(tiny_overrides):
 
 
 def test_refresh_every_controls_cache_rebuilds(tiny_overrides, monkeypatch):
+    from lai.curate import Curator
+
     calls = []
-    orig = loop_mod.Trainer._refresh
-    monkeypatch.setattr(loop_mod.Trainer, "_refresh",
-                        lambda self: calls.append(1) or orig(self))
+    orig = Curator.refresh
+    monkeypatch.setattr(Curator, "refresh",
+                        lambda self, batch=None: calls.append(1) or orig(self, batch))
     s = run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", "trainer.epochs=1",
                                    "estimator.refresh_every=3", *tiny_overrides))
     assert len(calls) == -(-s["steps"] // 3)

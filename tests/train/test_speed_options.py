@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lai.train.loop as loop_mod
+
 from lai import value
 from lai.config import EstimatorConfig, TrainerConfig
 from lai.data.base import DataBundle, TensorSplit
@@ -144,7 +146,7 @@ def test_bf16_values_follow_fp32_values(est):
     out = []
     for tr in (tr32, tr16):
         tr._refresh(batch)  # the batch itself as V: the same cache up to precision
-        out.append(tr._score(batch, grad=False)[1])
+        out.append(tr.curator.score(batch))
     v32, v16 = out
     assert v16.dtype == torch.float32
     corr = torch.corrcoef(torch.stack([v32, v16]))[0, 1]
@@ -225,7 +227,7 @@ def test_compile_runs_the_hook_free_forwards_compiled(tiny_overrides, monkeypatc
 
 # ---- memory of a step ---------------------------------------------------------------------
 @pytest.mark.parametrize("est", ["lai", "ghost"])
-def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est):
+def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est, monkeypatch):
     """The scoring forward's logits give the batch's losses, then go: they are not alive
     during the kept rows' forward and backward (an LM's [B, T, vocab] held through that
     peak)."""
@@ -234,16 +236,15 @@ def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est):
     tr = cifar_trainer(est, "percentile", "two_pass")
     tr._refresh()
     scored, alive_in_second_pass = [], []
-    orig = tr._score
+    orig = loop_mod.per_sample_loss
 
-    def score(batch, grad):
-        logits, values = orig(batch, grad)
+    def losses_of(logits, labels):  # the first call: the scoring forward's logits
         scored.append(weakref.ref(logits))
-        return logits, values
+        return orig(logits, labels)
 
-    tr._score = score
+    monkeypatch.setattr(loop_mod, "per_sample_loss", losses_of)
     hook = tr.model.register_forward_pre_hook(
-        lambda mod, args: alive_in_second_pass.append(scored[-1]() is not None)
+        lambda mod, args: alive_in_second_pass.append(scored[0]() is not None)
         if scored else None)
     try:
         tr._step(tr.data.train.gather(torch.arange(16)), 0, 0)
@@ -251,7 +252,7 @@ def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est):
         hook.remove()
     # the hook ran twice: the scoring forward (nothing scored yet: not recorded) and the
     # second pass, where the scoring logits must already be gone
-    assert len(scored) == 1 and alive_in_second_pass == [False]
+    assert len(scored) == 2 and alive_in_second_pass == [False]
 
 
 def test_steps_run_in_train_mode_after_evaluation_and_refresh(monkeypatch):
