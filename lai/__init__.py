@@ -4,6 +4,7 @@
 Every score in this package is a *value*: positive = the sample helps (lowers validation loss).
 """
 from lai.api import pairwise, value
+from lai.curate import CurationStep, Curator
 
 __version__ = "0.1.0"
-__all__ = ["value", "pairwise", "__version__"]
+__all__ = ["value", "pairwise", "Curator", "CurationStep", "__version__"]
