@@ -173,6 +173,7 @@ class Curator:
         self.est.forward_context = forward_context
         self.steps = 0  # steps started through step()
         self.cache_ready = False  # a cache exists in this process
+        self.last_val_batch: Optional[Batch] = None
         # copies of the model's buffers, reused by the no-grad scoring forwards (two_pass)
         self.buffer_snapshot = BufferSnapshot(
             host=next(model.parameters(), torch.empty(0)).device.type != "cpu")
@@ -213,6 +214,7 @@ class Curator:
         model in ``val_mode``; its mode and buffers are restored."""
         with self.refresh_context():
             vb = batch if batch is not None else self.val.draw()
+            self.last_val_batch = vb  # what the cache was built from (for logs and checks)
             was_training = self.model.training
             self.model.train(self.val_mode == "train")
             try:

@@ -1,0 +1,1 @@
+"""Curation inside other training frameworks (optional: each module imports its framework)."""
