@@ -6,7 +6,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lai.batching import Batch, as_batch, forward_logits, resolve_labels
+from lai.batching import (Batch, LossFn, as_batch, forward_logits, resolve_labels,
+                          using_loss)
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.ghost_flat import flattened_ghost_values
@@ -19,7 +20,8 @@ ONLINE_METHODS = ("lai", "lli", "ghost")
 def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
           output_layer: str | None = None, layers: str | Sequence[str] | None = None,
           cache: str = "auto", chunk_size: int = 512, hessian_batch: Any = None,
-          lm_labels: str = "auto", **options: Any) -> torch.Tensor:
+          lm_labels: str = "auto", loss_fn: LossFn | None = None,
+          **options: Any) -> torch.Tensor:
     """Value of every sample of ``train_batch`` against ``val_batch``.
 
     Returns a float tensor ``[len(train_batch)]`` (float64 if the model is float64).
@@ -60,8 +62,20 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
       - ``"trak"`` (``proj_dim``, ``checkpoints``, ``damping``): TRAK, margin output function.
     ``hessian_batch``: a batch or an iterable of batches the curvature is estimated from
     (default ``train_batch``).
+
+    ``loss_fn(logits, labels) -> [B]``: another per-sample loss than cross-entropy (MSE for
+    regression, label smoothing, multi-label BCE, ...); each sample's loss must depend on
+    its own row of the outputs only. Its output gradient is taken by autograd.
     """
     method = _method_name(method, ("lai", "lli", "ghost", "ghost_flat", *STATIC))
+    with using_loss(loss_fn):
+        return _value(model, train_batch, val_batch, method, output_layer, layers, cache,
+                      chunk_size, hessian_batch, lm_labels, options)
+
+
+def _value(model: nn.Module, train_batch: Any, val_batch: Any, method: str,
+           output_layer: str | None, layers: Any, cache: str, chunk_size: int,
+           hessian_batch: Any, lm_labels: str, options: dict) -> torch.Tensor:
 
     def batch(raw: Any) -> Batch:
         return resolve_labels(model, raw, as_batch(raw), lm_labels)
@@ -92,25 +106,27 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
 
 def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "ghost", *,
              output_layer: str | None = None, layers: str | Sequence[str] | None = None,
-             lm_labels: str = "auto") -> torch.Tensor:
+             lm_labels: str = "auto", loss_fn: LossFn | None = None) -> torch.Tensor:
     """``[len(train_batch), len(val_batch)]``: the value of each training sample against each
     validation sample (positive = helps); each row sums to :func:`value` of that sample.
 
     ``ghost``: ``<grad ell_z, grad ell_j>`` over all trainable parameters (one forward-mode
     pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums. Token
-    labels follow ``lm_labels`` as in :func:`value`.
+    labels and ``loss_fn`` as in :func:`value`.
     """
     method = _method_name(method, ONLINE_METHODS)
     train = resolve_labels(model, train_batch, as_batch(train_batch), lm_labels)
     val = resolve_labels(model, val_batch, as_batch(val_batch), lm_labels)
-    if method == "ghost":
-        return ghost_pairwise(model, train, val)
-    est = build_estimator(method, layers=layers, output_layer=output_layer, cache="pairwise")
-    with torch.no_grad(), preserved_buffers(model):
-        est.refresh(model, val)
-        with est.capture(model, train) as cap:
-            forward_logits(model, train.inputs)
-        return est.pairwise(cap)
+    with using_loss(loss_fn):
+        if method == "ghost":
+            return ghost_pairwise(model, train, val)
+        est = build_estimator(method, layers=layers, output_layer=output_layer,
+                              cache="pairwise")
+        with torch.no_grad(), preserved_buffers(model):
+            est.refresh(model, val)
+            with est.capture(model, train) as cap:
+                forward_logits(model, train.inputs)
+            return est.pairwise(cap)
 
 
 def _method_name(method: str, allowed: Sequence[str]) -> str:

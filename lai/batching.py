@@ -13,8 +13,10 @@ or dicts with ``logits``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -129,13 +131,45 @@ def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
     return logits_of(model(inputs))
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy ``[B]`` (natural log).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_CUSTOM_LOSS: ContextVar[Optional[LossFn]] = ContextVar("lai_per_sample_loss", default=None)
 
-    Classification: ``logits [B, C]``, ``labels [B]``. Language modelling: ``logits [B, T, V]``
-    and ``labels [B, T]`` already aligned with the logits (position t predicts ``labels[:, t]``);
-    the per-sample loss is the mean over positions whose label is not ``-100``.
+
+@contextmanager
+def using_loss(loss_fn: Optional[LossFn]) -> Iterator[None]:
+    """Within the block, :func:`per_sample_loss` is ``loss_fn(logits, labels) -> [B]`` (None:
+    the default cross-entropy), for every estimator, the trainer and :class:`lai.Curator`.
+    ``loss_fn`` must give each sample's loss from its own row of the logits (no mixing across
+    the batch), differentiably; the estimators then take its output gradient by autograd
+    (the default's closed form is used only for the default)."""
+    token = _CUSTOM_LOSS.set(loss_fn)
+    try:
+        yield
+    finally:
+        _CUSTOM_LOSS.reset(token)
+
+
+def custom_loss() -> Optional[LossFn]:
+    """The per-sample loss set by :func:`using_loss`, or None (the default cross-entropy)."""
+    return _CUSTOM_LOSS.get()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``[B]``: the one set by :func:`using_loss`, else cross-entropy (natural
+    log).
+
+    Classification: ``logits [B, C]``, ``labels [B]`` (or soft labels ``[B, C]``). Language
+    modelling: ``logits [B, T, V]`` and ``labels [B, T]`` already aligned with the logits
+    (position t predicts ``labels[:, t]``); the per-sample loss is the mean over positions
+    whose label is not ``-100``.
     """
+    fn = _CUSTOM_LOSS.get()
+    if fn is not None:
+        out = fn(logits, labels)
+        if out.shape != (logits.shape[0],):
+            raise ValueError(f"the per-sample loss must return [B] = [{logits.shape[0]}], got "
+                             f"{tuple(out.shape)}")
+        return out
     if logits.dim() == 2:
         return nn.functional.cross_entropy(logits, labels, reduction="none")
     flat = nn.functional.cross_entropy(

@@ -29,7 +29,9 @@ What the trainer's config offers is here too:
   cost no backward);
 - ``optimizer=`` + ``precondition="adam"``: values in Adam's preconditioned space (App. E);
 - Ghost's probe form (values after the backward, for a policy that keeps every sample):
-  :attr:`CurationStep.values` is read after ``loss.backward()``.
+  :attr:`CurationStep.values` is read after ``loss.backward()``;
+- ``loss_fn(logits, labels) -> [B]``: another per-sample loss than cross-entropy (see
+  :func:`lai.batching.using_loss`), for the values and for :meth:`CurationStep.loss`.
 
 ``val_data``: a batch (``(inputs, labels)``, a dict with ``labels``, a
 :class:`~lai.batching.Batch`), an object with ``__len__`` and ``gather(rows) -> Batch`` (the
@@ -45,8 +47,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from lai.batching import (Batch, as_batch, forward_logits, logits_of, per_sample_loss,
-                          resolve_labels)
+from lai.batching import (Batch, LossFn, as_batch, forward_logits, logits_of,
+                          per_sample_loss, resolve_labels, using_loss)
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.estimators.capture import BufferSnapshot, preserved_buffers
 from lai.policies.base import Policy
@@ -133,7 +135,8 @@ class Curator:
                  after_refresh: Optional[Callable[[OnlineEstimator], None]] = None,
                  val_transform: Optional[Callable[[Batch], Batch]] = None,
                  shard: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 policy_options: Optional[dict] = None, **estimator_options: Any):
+                 policy_options: Optional[dict] = None, loss_fn: Optional[LossFn] = None,
+                 **estimator_options: Any):
         from lai.estimators.registry import build_estimator
         from lai.policies.factory import build_policy
 
@@ -144,6 +147,7 @@ class Curator:
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every!r}")
         self.model = model
+        self.loss_fn = loss_fn
         self.est = (method if isinstance(method, OnlineEstimator)
                     else build_estimator(str(method).lower(), **estimator_options))
         if isinstance(method, OnlineEstimator) and estimator_options:
@@ -212,7 +216,7 @@ class Curator:
     def refresh(self, batch: Optional[Batch] = None) -> None:
         """Rebuild the cache from ``batch`` (default: the next validation draw), with the
         model in ``val_mode``; its mode and buffers are restored."""
-        with self.refresh_context():
+        with self.refresh_context(), using_loss(self.loss_fn):
             vb = batch if batch is not None else self.val.draw()
             self.last_val_batch = vb  # what the cache was built from (for logs and checks)
             was_training = self.model.training
@@ -243,7 +247,7 @@ class Curator:
             raise ValueError(f"method {self.est.name!r} gives no values")
         b = batch if isinstance(batch, Batch) else resolve_labels(
             self.model, batch, as_batch(batch), self.lm_labels)
-        with preserved_buffers(self.model, self.buffer_snapshot):
+        with preserved_buffers(self.model, self.buffer_snapshot), using_loss(self.loss_fn):
             with self.est.capture(self.model, b) as cap:
                 with self.forward_context():
                     forward_logits(self.model, b.inputs)
@@ -319,9 +323,10 @@ class CurationStep:
                 self._set_values(c.policy.own_values(len(self.batch), self.index, device))
             return
         try:
-            self._capture.__exit__(exc_type, exc, tb)
-            if exc_type is None and not self.late:  # the probe form's come after backward
-                self._set_values(c.est.score(self._cap))
+            with using_loss(c.loss_fn):  # Ghost's forward form reads the loss at its exit
+                self._capture.__exit__(exc_type, exc, tb)
+                if exc_type is None and not self.late:  # the probe form's: after backward
+                    self._set_values(c.est.score(self._cap))
         finally:
             self._outer.__exit__(None, None, None)
 
@@ -340,7 +345,8 @@ class CurationStep:
             if self.two_pass and self.kept_rows is not None and \
                     logits.shape[0] == len(self.kept_rows):
                 labels = labels[self.kept_rows.to(labels.device)]
-        return per_sample_loss(logits.float(), labels)
+        with using_loss(self.curator.loss_fn):
+            return per_sample_loss(logits.float(), labels)
 
     def loss(self, outputs: Any) -> torch.Tensor:
         """The weighted mean of the per-sample losses over the kept rows (the plain mean when
@@ -370,7 +376,8 @@ class CurationStep:
                 raise RuntimeError("Ghost's probe form gives values after the backward of "
                                    "step.loss(outputs)")
             self._cap.row_scale = self._row_scale
-            values = self.curator.est.score(self._cap)
+            with using_loss(self.curator.loss_fn):
+                values = self.curator.est.score(self._cap)
             self._values = values
             self.keep = torch.ones(len(values), dtype=torch.bool, device=values.device)
         return self._values

@@ -13,13 +13,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lai.batching import IGNORE_INDEX, Batch, per_sample_loss
+from lai.batching import IGNORE_INDEX, Batch, custom_loss, per_sample_loss
 
 
 def output_gradient(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``G = d ell_x / d logits_x`` per sample, flattened: ``[B, K]`` (K = C, or T*V for LM).
 
-    ``ell`` is the per-sample cross-entropy of :func:`lai.batching.per_sample_loss`. Because
+    ``ell`` is :func:`lai.batching.per_sample_loss` (cross-entropy unless another per-sample
+    loss is set; then by autograd). Because
     ``ell_x`` depends only on sample x's logits, the gradient of the summed loss with respect
     to the logits gives every sample's own gradient at once; this costs a softmax, no backward
     through the network (for plain cross-entropy it equals ``softmax(logits) - onehot(y)``).
@@ -43,9 +44,9 @@ def label_terms(z: torch.Tensor, labels: torch.Tensor
     the sample's loss (``1``; for an LM ``1 / labelled positions``, 0 where ignored). None
     where the closed form does not apply (soft or mis-shaped labels). Row ``j`` of each
     belongs to sample ``j``, so a block of samples can use a slice of them."""
-    if not (z.dim() in (2, 3) and labels.shape == z.shape[:-1]
-            and not labels.is_floating_point()):
-        return None
+    if custom_loss() is not None or not (z.dim() in (2, 3) and labels.shape == z.shape[:-1]
+                                         and not labels.is_floating_point()):
+        return None  # another loss than the default (lai.batching.using_loss): autograd
     valid = labels != IGNORE_INDEX
     y = labels.masked_fill(~valid, 0).unsqueeze(-1)
     dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 logits: float32 weights

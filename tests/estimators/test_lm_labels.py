@@ -99,3 +99,25 @@ def test_hf_token_classifiers_keep_their_labels_aligned():
     b["labels"] = torch.randint(0, 4, (3, 6))
     v = value(model, b, b, method="ghost")
     assert rel_err(v, value(model, b, b, method="ghost", lm_labels="aligned")) < 1e-12
+
+
+def test_hf_masked_lm_labels_are_used_as_given():
+    """A masked LM's labels (-100 except at masked positions) are aligned: the per-sample loss
+    is the model's own masked-LM loss of that sample."""
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  attn_implementation="eager")
+    model = transformers.BertForMaskedLM(cfg).double().eval()
+
+    def batch(n, seed):
+        b = hf_batch(n, 6, seed)
+        g = torch.Generator().manual_seed(seed + 10)
+        masked = torch.rand(b["input_ids"].shape, generator=g) < 0.4
+        masked[:, 0] = True  # at least one labelled position per row
+        b["labels"] = b["input_ids"].masked_fill(~masked, -100)
+        return b
+
+    tr, va = batch(4, 5), batch(3, 6)
+    own = model_loss_gradients(model, tr, True) @ model_loss_gradients(model, va, True).sum(0)
+    assert rel_err(value(model, tr, va, method="ghost"), own) < 1e-9
