@@ -52,7 +52,9 @@ then forward and backward on the kept half only). ``ghost/2pass`` is Ghost with 
 forward-mode pass under no_grad (nothing of it is kept for the backward: the low-memory
 form), then a plain forward and backward of the whole batch. On CUDA, ``lai/offload`` is LAI
 with its validation cache in pinned host memory, copied to the GPU layer by layer ahead of use
-(``estimator.offload``, ``lai/estimators/offload.py``). Any Ghost method with ``/nofast``
+(``estimator.offload``, ``lai/estimators/offload.py``). ``lai/curator`` is LAI's step written
+as a user's own loop around the public ``lai.Curator`` (forward inside ``with``, ``step.loss``,
+backward, optimizer step): its ratio should match ``lai``'s. Any Ghost method with ``/nofast``
 appended (``ghost/forward/nofast``, ``ghost/2pass/nofast``; not a default row) runs with
 ``estimator.forward_fastpaths=false``, PyTorch's own forward-mode formulas, for an A/B of
 the fast paths (``lai/estimators/forward_fastpaths.py``) in the same process.
@@ -105,6 +107,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lai.batching import forward_logits  # noqa: E402
 from lai.config import EstimatorConfig, TrainerConfig  # noqa: E402
 from lai.data.base import DataBundle, TensorSplit  # noqa: E402
 from lai.estimators.registry import build_estimator  # noqa: E402
@@ -138,8 +141,8 @@ class _NullRecorder:
 
 
 SIZES = ("tiny", "small", "full")
-DEFAULT_METHODS = ("vanilla", "lai", "lli", "ghost", "ghost/forward", "ghost/probe",
-                   "ghost/2pass", "lai+filter", "lai+filter/2pass")
+DEFAULT_METHODS = ("vanilla", "lai", "lai/curator", "lli", "ghost", "ghost/forward",
+                   "ghost/probe", "ghost/2pass", "lai+filter", "lai+filter/2pass")
 SETUPS = ("resnet18", "bert", "gpt_neo", "llama")
 
 
@@ -286,6 +289,8 @@ class MethodBench:
         self.model = model.to(device)
         est_name = method.split("+")[0].split("/")[0]
         parts = method.split("/")[1:]  # e.g. ghost/forward/nofast -> [forward, nofast]
+        # /curator: the step written as a user's loop around the public lai.Curator
+        self.user_loop = "curator" in parts
         filtering = "+filter" in method
         two_pass = "2pass" in parts
         ghost_mode = parts[0] if est_name == "ghost" and parts[:1] in (["forward"], ["probe"]) \
@@ -315,10 +320,33 @@ class MethodBench:
     def run(self, n: int, flush: bool = True) -> None:
         """``n`` steps back to back, then (``flush``) the pending statistics read (one wait)."""
         for _ in range(n):
-            self.tr._step(self.batches[self.i % len(self.batches)], 0, self.i)
+            raw = self.batches[self.i % len(self.batches)]
+            if self.user_loop:
+                self._user_step(raw)
+            else:
+                self.tr._step(raw, 0, self.i)
             self.i += 1
         if flush:
             self.tr._flush(0, self.i, self.stats)
+
+    def _user_step(self, raw) -> None:
+        """A step as a user's own loop writes it with the public ``lai.Curator`` (the
+        trainer's, so the same estimator, policy and cache): forward inside ``with``,
+        ``step.loss``, backward, optimizer step; no records."""
+        tr = self.tr
+        batch = type(raw)(tr._prepare(raw.inputs, True), raw.labels, raw.idx)
+        with tr.curator.step(batch, 0, self.i, refresh=False) as step:
+            with tr._autocast():
+                logits = forward_logits(tr.model, batch.inputs)
+        if step.two_pass:
+            with tr._autocast():
+                logits = forward_logits(tr.model, step.kept_batch.inputs)
+        loss = step.loss(logits)
+        tr.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.opt.step()
+        if step.late:
+            step.values  # noqa: B018 - the probe form's values, read after the backward
 
     def time_block(self, n: int) -> float:
         """Milliseconds per step over a block of ``n`` steps (device synced at both ends)."""

@@ -16,14 +16,14 @@ def test_bench_smoke(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--device",
                         "cpu", "--setups", "resnet18", "--batch", "4", "--steps", "2",
                         "--block", "2", "--warmup", "1", "--min-seconds", "0", "--methods",
-                        "vanilla,lai,lai+filter/2pass", "--out", str(tmp_path)],
+                        "vanilla,lai,lai/curator,lai+filter/2pass", "--out", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((tmp_path / "online_cpu.json").read_text())
     assert report["speed"] == {"precision": "fp32", "channels_last": "auto", "compile": False,
                                "cudnn_benchmark": False}
     rows = report["setups"]["resnet18"]
-    assert set(rows) == {"vanilla", "lai", "lai+filter/2pass"}
+    assert set(rows) == {"vanilla", "lai", "lai/curator", "lai+filter/2pass"}
     for name, r in rows.items():
         assert r["step_ms"] > 0 and r["ops"] > 0 and r["syncs"] == {}, name
         # peak memory on the CPU: live tensor storage, including what was alive at the start
@@ -37,6 +37,10 @@ def test_bench_smoke(tmp_path):
     assert len(lai_t) == len(van_t) == 1  # --steps 2 --block 2 --min-seconds 0: one round
     assert abs(rows["lai"]["time_ratio"] - lai_t[0] / van_t[0]) < 1e-12
     assert rows["lai+filter/2pass"]["gflop"] < rows["vanilla"]["gflop"]
+    # a user's loop around lai.Curator does the trainer's work: the same FLOPs, kernels
+    # within the trainer's record keeping
+    assert rows["lai/curator"]["gflop"] == rows["lai"]["gflop"]
+    assert rows["lai/curator"]["ops"] <= rows["lai"]["ops"]
 
 
 def _bench_module():
