@@ -100,3 +100,21 @@ def test_evaluation_uses_the_models_own_loss_and_warm_up_keeps_everything(tmp_pa
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
     with pytest.raises(ValueError, match="curation="):
         CuratedTrainer(model=model, args=args, train_dataset=train)
+
+
+def test_bf16_training_arguments_autocast_the_cache_forwards_too(tmp_path):
+    """bf16: the Trainer autocasts its forward, and the curator's validation-cache forwards
+    run under the same context; values stay fp32 and follow lai.value's closely."""
+    model = bert()
+    train, val = rows(16, 8, 40, 3, 1), rows(16, 8, 40, 3, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                             max_steps=2, bf16=True, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, logging_steps=1)
+    trainer = Checked(model=model, args=args, train_dataset=train,
+                      data_collator=default_data_collator,
+                      curation=CurationArguments(val_dataset=val, method="lai"))
+    trainer.checks = []
+    trainer.train()
+    for got, ref, _ in trainer.checks:
+        assert got.dtype == torch.float32
+        assert torch.corrcoef(torch.stack([got, ref.float()]))[0, 1] > 0.95
