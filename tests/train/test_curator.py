@@ -50,12 +50,16 @@ def trainer_and_data(tiny_overrides, *extra):
     ("estimator=ghost", "policy=score_only"),           # the probe form: values after backward
     ("estimator=lai", "policy=threshold", "estimator.refresh_every=3",
      "estimator.val_fraction=0.5", "policy.start_epoch=0"),
-], ids=["lai", "lli-two-pass", "ghost-forward", "ghost-probe", "lai-refresh3"])
+    ("estimator=lai", "policy=threshold", "trainer.optimizer=adam",
+     "estimator.precondition=adam"),
+    ("estimator=lli", "policy=threshold", "estimator.self_influence=true"),
+], ids=["lai", "lli-two-pass", "ghost-forward", "ghost-probe", "lai-refresh3", "lai-adam",
+        "lli-self-influence"])
 def test_a_user_loop_with_curator_equals_the_trainer(tiny_overrides, extra):
     summary, trained, data, model, cfg = trainer_and_data(tiny_overrides, *extra)
     opt = build_optimizer(model, cfg.trainer)
     e = cfg.estimator
-    curator = Curator(model, data.val, e.name, cfg.policy.name,
+    curator = Curator(model, None if e.self_influence else data.val, e.name, cfg.policy.name,
                       policy_options={k: v for k, v in cfg.policy.items()
                                       if k in ("threshold", "keep_fraction", "k")
                                       and k in {"threshold": ("threshold",),
@@ -63,7 +67,8 @@ def test_a_user_loop_with_curator_equals_the_trainer(tiny_overrides, extra):
                                                 "mean_std": ("k",)}.get(cfg.policy.name, ())},
                       start_epoch=cfg.policy.start_epoch, val_fraction=e.val_fraction,
                       refresh_every=e.refresh_every, strategy=cfg.trainer.strategy,
-                      seed=cfg.seed + 1, optimizer=opt)
+                      seed=cfg.seed + 1, optimizer=opt, precondition=e.precondition,
+                      self_influence=e.self_influence)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(data.train), generator=gen)
     bs, kept = cfg.trainer.batch_size, 0
