@@ -34,9 +34,11 @@ What the trainer's config offers is here too:
   :func:`lai.batching.using_loss`), for the values and for :meth:`CurationStep.loss`.
 
 ``val_data``: a batch (``(inputs, labels)``, a dict with ``labels``, a
-:class:`~lai.batching.Batch`), an object with ``__len__`` and ``gather(rows) -> Batch`` (the
+:class:`~lai.batching.Batch`), a map-style dataset of ``(x, y)`` pairs or dicts (rows collated
+with ``default_collate``), an object with ``__len__`` and ``gather(rows) -> Batch`` (the
 trainer's splits), or an iterable of batches (a ``DataLoader``: each refresh takes the next
-batch, ``val_fraction`` unused). Token labels follow ``lm_labels`` as in :func:`lai.value`.
+batch, ``val_fraction`` unused). Each draw is moved to the model's device. Token labels
+follow ``lm_labels`` as in :func:`lai.value`.
 """
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ class ValidationSource:
         self.data, self.model, self.lm_labels = data, model, lm_labels
         self.val_fraction, self.val_max = val_fraction, val_max
         self.gen = torch.Generator().manual_seed(seed)
-        self.transform = transform or (lambda b: b)
+        # default: on the model's device (a validation set kept on the host is common)
+        device = next(model.parameters(), torch.empty(0)).device
+        self.transform = transform or (lambda b: b.to(device))
         self.shard = shard or (lambda rows: rows)
         self._iter: Optional[Iterator] = None
         if hasattr(data, "gather") and hasattr(data, "__len__"):
@@ -79,11 +83,15 @@ class ValidationSource:
                                                        and "labels" in data):
             self.kind = "batch"
             self.data = resolve_labels(model, data, as_batch(data), lm_labels)
+        elif hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):
+            self.kind = "loader"
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            self.kind = "dataset"  # map-style: rows collated as a DataLoader would
         elif hasattr(data, "__iter__"):
             self.kind = "loader"
         else:
-            raise TypeError(f"val_data must be a batch, a split with gather(rows), or an "
-                            f"iterable of batches; got {type(data).__name__}")
+            raise TypeError(f"val_data must be a batch, a dataset, a split with gather(rows), "
+                            f"or an iterable of batches; got {type(data).__name__}")
 
     def _rows(self, n: int) -> torch.Tensor:
         k = max(1, int(round(self.val_fraction * n)))
@@ -101,6 +109,11 @@ class ValidationSource:
             batch = self.data.gather(self._rows(len(self.data)))
         elif self.kind == "batch":
             batch = self.data.select(self._rows(len(self.data)))
+        elif self.kind == "dataset":
+            from torch.utils.data import default_collate
+
+            raw = default_collate([self.data[int(i)] for i in self._rows(len(self.data))])
+            batch = resolve_labels(self.model, raw, as_batch(raw), self.lm_labels)
         else:
             if self._iter is None:
                 self._iter = itertools.cycle(self.data) if isinstance(self.data, (list,)) \

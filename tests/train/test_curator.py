@@ -128,3 +128,31 @@ def test_bad_settings_are_clear_errors():
         Curator(MLP(), (x, y), "lai", precondition="adam")
     with pytest.raises(ValueError, match="give no val_data"):
         Curator(MLP(), (x, y), "lai", self_influence=True)
+
+
+def test_validation_sources():
+    """A batch, a map-style dataset, a DataLoader: each refresh draws from it (a fraction of
+    the rows, or the loader's next batch), on the model's device."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.estimators.nets import MLP
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 12), torch.randint(0, 5, (40,))
+    model = MLP()
+    for val, n in (((x, y), 10), (TensorDataset(x, y), 10),
+                   (DataLoader(TensorDataset(x, y), batch_size=8), 8)):
+        curator = Curator(model, val, "lli", val_fraction=0.25)
+        curator.refresh()
+        assert len(curator.last_val_batch) == n, type(val).__name__
+        with curator.step((x[:6], y[:6])) as step:
+            out = model(x[:6])
+        step.loss(out)
+        assert step.values.shape == (6,)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # 3 batches, then again
+    curator = Curator(model, loader, "lli", refresh_every=1)
+    sizes = []
+    for _ in range(4):
+        curator.refresh()
+        sizes.append(len(curator.last_val_batch))
+    assert sizes == [16, 16, 8, 16]
