@@ -5,6 +5,7 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 # no test may touch the network: make Hugging Face fail fast instead of retrying for ~20 s
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,3 +68,21 @@ def float64_seeded():
 def tiny_overrides(tmp_path) -> list[str]:
     """Overrides that keep an end-to-end run to seconds and write into tmp_path."""
     return [f"results_dir={tmp_path / 'runs'}", "trainer.progress=false", "device=cpu"]
+
+
+def crash_in_epoch(monkeypatch, epoch: int = 1, after: int = 3) -> Callable[[], None]:
+    """Make ``Trainer._step`` raise ``RuntimeError("injected crash")`` at the ``after``-th
+    step of ``epoch`` (0-based); returns a function that puts the real step back."""
+    import lai.train.loop as loop_mod
+
+    orig, calls = loop_mod.Trainer._step, []
+
+    def step(self, raw, ep, i):
+        if ep == epoch and len(calls) == after:
+            raise RuntimeError("injected crash")
+        if ep == epoch:
+            calls.append(i)
+        return orig(self, raw, ep, i)
+
+    monkeypatch.setattr(loop_mod.Trainer, "_step", step)
+    return lambda: monkeypatch.setattr(loop_mod.Trainer, "_step", orig)

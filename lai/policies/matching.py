@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf  # noqa: F401  (DictConfig: type hints)
 
 from lai.config import ConfigError
-from lai.train.records import VOLATILE_KEYS
+from lai.train.records import VOLATILE_KEYS, plain_config
 
 # groups and keys in which a control and its matched method may differ
 # (``policy.start_epoch`` is compared: a control matches the method with its own warm-up)
@@ -28,15 +28,7 @@ class MatchError(ConfigError):
 
 
 def _comparable(cfg: Any) -> dict:
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    data = json.loads(json.dumps(data, default=str))
-    for dotted in _FREE_KEYS:
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(last, None)
+    data = plain_config(cfg, _FREE_KEYS)
     data["policy"] = {"start_epoch": (data.get("policy") or {}).get("start_epoch", 0)}
     return data
 

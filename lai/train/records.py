@@ -51,17 +51,23 @@ VOLATILE_KEYS = ("trainer.progress", "trainer.log_every", "trainer.checkpoint_ev
                  "results_dir", "data_dir", "logger", "extra")
 
 
-def config_hash(cfg: DictConfig | dict, length: int = 12) -> str:
-    """A run's identity: sha256 of its resolved config without :data:`VOLATILE_KEYS`."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) \
-        else json.loads(json.dumps(cfg, default=str))
-    for dotted in VOLATILE_KEYS:
+def plain_config(cfg: DictConfig | dict, drop: tuple[str, ...] = ()) -> dict:
+    """The resolved config as plain JSON-able data, without the dotted keys in ``drop``."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = json.loads(json.dumps(data, default=str))
+    for dotted in drop:
         *parents, last = dotted.split(".")
         node = data
         for part in parents:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(last, None)
+    return data
+
+
+def config_hash(cfg: DictConfig | dict, length: int = 12) -> str:
+    """A run's identity: sha256 of its resolved config without :data:`VOLATILE_KEYS`."""
+    data = plain_config(cfg, VOLATILE_KEYS)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 

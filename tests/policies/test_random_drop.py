@@ -12,7 +12,7 @@ from lai.config import ConfigError, validate
 from lai.policies import RandomDropPolicy, build_policy
 from lai.policies.matching import MatchError
 from lai.train.runner import method_label, run_experiment
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, crash_in_epoch
 
 DIGITS = ["dataset=digits_n", "trainer.epochs=3", "trainer.batch_size=64",
           "trainer.eval_every_epoch=false"]
@@ -125,25 +125,14 @@ def test_two_matching_runs_are_ambiguous(tiny_overrides):
 def test_crashed_control_resumes_to_the_same_run(tiny_overrides, monkeypatch):
     """Draws depend on (seed, step) only and the matched rates are re-read on resume: a
     matched control that crashed in epoch 2 resumes and ends as an uninterrupted one does."""
-    import lai.train.loop as loop_mod
-
     common = [*DIGITS, *tiny_overrides]
     run_experiment(compose_cfg(*common, "estimator=lai"))
     ctl = [*common, "estimator=vanilla", "policy=random", "policy.match=lai", "save_scores=true"]
     ref = run_experiment(compose_cfg(*ctl, "run_name=reference"))
-    orig, calls = loop_mod.Trainer._step, []
-
-    def crash_in_epoch_2(self, raw, epoch, step):
-        if epoch == 1 and len(calls) == 3:
-            raise RuntimeError("injected crash")
-        if epoch == 1:
-            calls.append(step)
-        return orig(self, raw, epoch, step)
-
-    monkeypatch.setattr(loop_mod.Trainer, "_step", crash_in_epoch_2)
+    restore = crash_in_epoch(monkeypatch, epoch=1, after=3)
     with pytest.raises(RuntimeError, match="injected crash"):
         run_experiment(compose_cfg(*ctl))
-    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    restore()
     resumed = run_experiment(compose_cfg(*ctl))
     assert resumed["status"] == "completed"
     assert resumed["samples_per_epoch"] == ref["samples_per_epoch"]

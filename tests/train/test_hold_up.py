@@ -19,7 +19,7 @@ from lai.data.checksums import CorruptDataError, make_registry, verify_files
 from lai.errors import TrainingDivergedError
 from lai.train import loop as loop_mod
 from lai.train.runner import run_experiment
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, crash_in_epoch
 
 RUN = [sys.executable, str(ROOT / "run.py")]
 
@@ -182,21 +182,12 @@ def test_crashed_spl_run_resumes_with_its_policy_state(tiny_overrides, tmp_path,
     SPL's lambda included, and ends as an uninterrupted run does."""
     args = ["dataset=digits_n", "estimator=spl", "trainer.epochs=3", *tiny_overrides]
     ref = run_experiment(compose_cfg(*args, "run_name=reference"))
-    orig, calls = loop_mod.Trainer._step, []
-
-    def crash_in_epoch_2(self, raw, epoch, step):
-        if epoch == 1 and len(calls) == 3:
-            raise RuntimeError("injected crash")
-        if epoch == 1:
-            calls.append(step)
-        return orig(self, raw, epoch, step)
-
-    monkeypatch.setattr(loop_mod.Trainer, "_step", crash_in_epoch_2)
+    restore = crash_in_epoch(monkeypatch, epoch=1, after=3)
     with pytest.raises(RuntimeError, match="injected crash"):
         run_experiment(compose_cfg(*args))
     (failed,) = [s for s in _summaries(tmp_path / "runs") if s["status"] == "failed"]
     assert (Path(failed["run_dir"]) / "checkpoint.pt").is_file()
-    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    restore()
     resumed = run_experiment(compose_cfg(*args))
     assert resumed["run_dir"] == failed["run_dir"] and resumed["status"] == "completed"
     assert _comparable(resumed) == {**_comparable(ref), "config_hash": resumed["config_hash"]}
