@@ -42,7 +42,8 @@ def sweep_commands(artifact: str, scale: str, launcher: str | None = None,
     path = EXPERIMENTS / f"{artifact}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown artifact {artifact!r}; expected one of: {', '.join(available())}")
-    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    # unresolved: an override may carry an interpolation for run.py (run_name='${estimator.name}')
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     scales = spec.get("scales", {})
     if scale not in scales:
         raise ValueError(f"{artifact} has no scale {scale!r}; expected one of: {', '.join(scales)}")
