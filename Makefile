@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(LAI_DATA),$(LAI_DATA),../shared/data)
 
-.PHONY: install demo test test-all bench tables experiments-reduced clean-runs
+.PHONY: install demo test test-all bench tables experiments-reduced clean-runs gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 ## cost of online valuation vs plain training, one process; JSON under results/bench/
 bench: $(STAMP)
 	$(PY) scripts/bench_online.py
+
+## on a lent GPU: the CUDA tests, the paper-size bench, a mid-scale Table 3 slice (~12 min);
+## results under results/gpu/ (scripts/gpu_check.py; --dry-run checks it on a CPU)
+gpu-check: $(STAMP)
+	LAI_DATA=$(DATA) $(PY) scripts/gpu_check.py
 
 ## Tables 1-4 (and Table 3's evidence), Figures 1-2 and the detection figure from the run
 ## records in results/ (never trains)
