@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
 
 
 def detection_metrics(values: np.ndarray, kept: np.ndarray, noisy: np.ndarray) -> dict:
@@ -31,13 +31,5 @@ def detection_metrics(values: np.ndarray, kept: np.ndarray, noisy: np.ndarray) -
     if (~n).any():
         out["drop_rate_clean"] = int((k & ~n).sum()) / int((~n).sum())
     if n.any() and (~n).any():
-        out["noisy_auc"] = _auc(-v, n)
+        out["noisy_auc"] = float(roc_auc_score(n, -v))
     return out
-
-
-def _auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Mann–Whitney ROC AUC (average ranks for ties)."""
-    ranks = rankdata(score)
-    n_pos = int(positive.sum())
-    n_neg = len(score) - n_pos
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

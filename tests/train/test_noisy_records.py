@@ -61,3 +61,17 @@ def test_a_curation_that_keeps_one_class_is_reported(tiny_overrides, monkeypatch
     healthy = run_experiment(compose_cfg("dataset=digits_n", "estimator=lli", "trainer.epochs=1",
                                          "policy=percentile", *tiny_overrides))
     assert healthy["history"][0]["kept_classes"] == 10 and "collapsed_epochs" not in healthy
+
+
+def test_detection_metrics_by_hand():
+    from lai.train.noisy import detection_metrics
+
+    values = np.array([3.0, 2.0, 1.0, 0.0, np.nan, 1.0])
+    kept = np.array([1, 1, 0, 0, -1, 1], dtype=np.int8)
+    noisy = np.array([False, False, True, True, True, False])
+    m = detection_metrics(values, kept, noisy)
+    # scored: clean values 3, 2, 1 and noisy 1, 0. Of the 6 (noisy, clean) pairs, -value
+    # ranks the noisy one higher in 5 and ties in 1 (1 vs 1): AUC = 5.5 / 6
+    assert m["noisy_auc"] == pytest.approx(5.5 / 6)
+    assert m["drop_precision"] == 1.0 and m["drop_recall"] == 1.0
+    assert m["drop_rate_clean"] == 0.0
