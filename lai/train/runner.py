@@ -7,6 +7,8 @@ import os
 import random
 import time
 import traceback
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lai.config import ConfigError, validate
 from lai.data import build_data, needs_tokenizer, resolve_data_dir
+from lai.estimators.capture import select_layers
 from lai.estimators.registry import build_estimator
 from lai.models import build_model, build_tokenizer
 from lai.policies import build_policy_from_config
@@ -94,6 +97,39 @@ def method_label(cfg: DictConfig) -> str:
     return f"{prefix}random-{tag}"
 
 
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """A ValueError or TypeError raised while the run's parts are built from the config (a
+    model that does not fit the data, a module name that is not in the model, a split
+    larger than the data, ...) is the config's fault: a one-line :class:`ConfigError`, not
+    a traceback. Errors while training are not converted."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _online_parts(cfg: DictConfig, model: torch.nn.Module, data_parallel: bool):
+    """The online estimator and policy the config names; their options checked against the
+    model now (LAI's layers and output layer), before anything is trained."""
+    cache = cfg.estimator.cache
+    if data_parallel and cache == "auto":
+        cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
+    estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
+                                output_layer=cfg.estimator.output_layer, cache=cache,
+                                ghost_mode=cfg.estimator.ghost_mode,
+                                offload=cfg.estimator.offload,
+                                release_tangents=cfg.estimator.get("release_tangents", True),
+                                forward_fastpaths=cfg.estimator.get("forward_fastpaths", True))
+    if cfg.estimator.name in ("lai", "lli"):
+        select_layers(model, estimator.layers, estimator.output_layer)
+    policy = build_policy_from_config(cfg.policy)
+    policy.prepare(cfg)  # e.g. the random control reads its matched run's record
+    return estimator, policy
+
+
 def run_experiment(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config; returns the summary (also on disk).
 
@@ -120,11 +156,12 @@ def run_experiment(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     data_dir = resolve_data_dir(cfg.data_dir)
     verify_files(data_dir, dataset_folders(cfg.dataset.name))
-    tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model) \
-        if needs_tokenizer(cfg.dataset.name) else None
-    t0 = time.perf_counter()
-    data = build_data(cfg.dataset, data_dir=data_dir, seed=cfg.seed, tokenizer=tokenizer)
-    data_time = time.perf_counter() - t0
+    with config_errors():
+        tokenizer = build_tokenizer(cfg.model.tokenizer, cfg.model) \
+            if needs_tokenizer(cfg.dataset.name) else None
+        t0 = time.perf_counter()
+        data = build_data(cfg.dataset, data_dir=data_dir, seed=cfg.seed, tokenizer=tokenizer)
+        data_time = time.perf_counter() - t0
 
     def make_model() -> torch.nn.Module:
         seed_everything(cfg.seed)  # the same initialisation for every model a run builds
@@ -134,24 +171,11 @@ def run_experiment(cfg: DictConfig) -> dict:
                            pad_token_id=getattr(tokenizer, "pad_token_id", None)).to(device)
 
     two_round = cfg.runner.name == "two_round"
-    model = make_model()
-    check_classes(cfg, model, data)
-    if not two_round:
-        cache = cfg.estimator.cache
-        if ranks.enabled and cache == "auto":
-            cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
-        estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
-                                    output_layer=cfg.estimator.output_layer, cache=cache,
-                                    ghost_mode=cfg.estimator.ghost_mode,
-                                    offload=cfg.estimator.offload,
-                                    release_tangents=cfg.estimator.get("release_tangents", True),
-                                    forward_fastpaths=cfg.estimator.get("forward_fastpaths",
-                                                                        True))
-        policy = build_policy_from_config(cfg.policy)
-        policy.prepare(cfg)  # e.g. the random control reads its matched run's record
-
-    else:
-        estimator = policy = None
+    with config_errors():
+        model = make_model()
+        check_classes(cfg, model, data)
+        estimator, policy = (None, None) if two_round else \
+            _online_parts(cfg, model, ranks.enabled)
     n_params = sum(p.numel() for p in model.parameters())
     if two_round:
         model = None  # each round builds its own

@@ -155,6 +155,21 @@ def test_class_count_mismatch_fails_before_training(tiny_overrides, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model=resnet18"], "model 'resnet18' does not fit vector data"),
+    (["estimator=lai", "estimator.output_layer=nope"], "output_layer 'nope' is not a module"),
+    (["dataset.val_size=5000"], "val_size=5000"),
+])
+def test_parts_that_do_not_fit_the_config_are_one_line_errors_before_any_folder(
+        tiny_overrides, tmp_path, overrides, message):
+    """A model that does not fit the data, a module name the model lacks, a split larger than
+    the data: each a one-line ConfigError raised before the run folder is written."""
+    with pytest.raises(ConfigError, match=message) as e:
+        run_experiment(compose_cfg("dataset=digits_n", *tiny_overrides, *overrides))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_nan_loss_stops_with_state_saved_and_failed_summary(tiny_overrides, tmp_path):
     p = subprocess.run([*RUN, "dataset=digits_n", "estimator=vanilla", "trainer.lr=1e30",
                         "trainer.optimizer=sgd", "trainer.epochs=3", "trainer.log_every=1",
