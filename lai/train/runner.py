@@ -184,6 +184,12 @@ def run_experiment(cfg: DictConfig) -> dict:
                        device, estimator, policy, record=False)
     lock = lock_run_dir(run_dir)  # held until this process ends
     try:
+        # again under the lock: an identical job may have finished since the check above
+        # (training it again would cut its metrics.jsonl under a "completed" summary)
+        done = completed_summary(run_dir)
+        if done is not None:
+            print(f"already completed: {run_dir}", flush=True)
+            return done
         return _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model,
                        device, estimator, policy)
     finally:

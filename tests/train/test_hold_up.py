@@ -250,6 +250,29 @@ def test_a_run_folder_in_use_is_not_touched(tiny_overrides, tmp_path):
     assert run_experiment(cfg)["status"] == "completed"  # released: the run goes ahead
 
 
+def test_a_job_that_passed_the_completion_check_before_its_twin_finished_does_not_retrain(
+        tiny_overrides, monkeypatch):
+    """Two identical jobs: the second passed the "already completed?" check while the first
+    was still training, and takes the lock after the first has finished. It must find the
+    run completed under the lock and leave its records alone."""
+    from lai.train import runner
+    cfg = compose_cfg("dataset=digits_n", "estimator=vanilla", "trainer.max_steps=3",
+                      "trainer.log_every=1", *tiny_overrides)
+    first = run_experiment(cfg)
+    run_dir = Path(first["run_dir"])
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    real, calls = runner.completed_summary, []
+
+    def stale_first_check(path):  # the twin's check ran before the first job finished
+        calls.append(path)
+        return None if len(calls) == 1 else real(path)
+
+    monkeypatch.setattr(runner, "completed_summary", stale_first_check)
+    second = run_experiment(cfg)
+    assert len(calls) == 2 and second == first
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
 def test_pretrained_head_of_another_size_is_a_config_error(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
