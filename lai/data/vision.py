@@ -1,6 +1,6 @@
 """CIFAR-10N / CIFAR-100N: CIFAR images with real human noisy labels (Wei et al., 2022).
 
-Lookup order (DESIGN.md section 3), under ``data_dir``:
+Lookup order (docs/design.md section 3), under ``data_dir``:
 
 1. prepared: ``cifar10n/cifar10n.npz`` or ``cifar10n/cifar10n_first10k.npz`` (uint8 HWC
    ``train_x``, ``test_x``, ``test_y``, optional ``train_index`` and label arrays), labels

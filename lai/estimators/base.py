@@ -1,4 +1,4 @@
-"""The estimator interfaces (DESIGN.md §2) and the output-gradient helper they share.
+"""The estimator interfaces (docs/design.md §2) and the output-gradient helper they share.
 
 Sign convention for every score returned here: **value** = the first-order decrease of the
 validation loss when one SGD step is taken on the sample. Positive helps, negative hurts

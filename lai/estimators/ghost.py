@@ -7,7 +7,7 @@ Value of training sample j (positive = helps):
 over **all trainable parameters**. It is computed without any per-sample gradient:
 ``v_j`` is the directional derivative of ``ell_j`` along ``g_V``, so one forward-mode pass
 (every parameter made a dual number with tangent ``g_V``) gives all B values at once. This is
-the probe identity of DESIGN.md §1 (for a linear layer the tangent of its output is the
+the probe identity of docs/design.md §1 (for a linear layer the tangent of its output is the
 "probe" ``W_V a_j``, contracted with ``g_j`` by the rest of the pass) applied by forward-mode
 AD to every operation, so convolutions of any stride/dilation/groups, embeddings,
 LayerNorm/BatchNorm affine parameters, biases, HF ``Conv1D``, tied weights and free

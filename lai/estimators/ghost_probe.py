@@ -1,4 +1,4 @@
-"""Ghost values computed inside the training backward ("probe" form of DESIGN.md §1).
+"""Ghost values computed inside the training backward ("probe" form of docs/design.md §1).
 
 For a module whose output ``s`` is *linear in its own parameters* (``nn.Linear``, convolutions,
 ``nn.Embedding``, the affine part of LayerNorm/GroupNorm/RMSNorm/BatchNorm, Hugging Face

@@ -28,7 +28,7 @@ output layer this is exactly the inner product of the per-sample gradients of it
 LLI is the exact output-layer gradient similarity, for language models too. Layers without
 matching positions (and every layer when ``s^(L)`` is ``[K]``) use the flattened vectors.
 
-Two exact ways to evaluate it (DESIGN.md §1), chosen by size (``cache="auto"``):
+Two exact ways to evaluate it (docs/design.md §1), chosen by size (``cache="auto"``):
 
 - **folded**: ``M_l = sum_z G_z phi_l(z)^T`` (``K x D_l``, or ``T K x D_l`` flattened) built
   once per refresh; then ``v_j = sum_l <G_j, M_l phi_l(j)>``: independent of |V|;

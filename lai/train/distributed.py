@@ -4,7 +4,7 @@ Every rank holds the whole model and draws the same global batch and the same va
 rows (the same seeded generators); rank r works on its contiguous share of each:
 
 - validation cache: every online estimator here is linear in the validation set
-  (DESIGN.md §1), so each rank builds the cache of its share of the validation rows and the
+  (docs/design.md §1), so each rank builds the cache of its share of the validation rows and the
   parts are summed with one all-reduce. The scores then equal a one-process run's (to float
   rounding of the sum). LAI/LLI use the folded cache (a sum); Ghost sums ``g_V``;
 - the policy decides per rank, on that rank's own samples and values;
