@@ -5,7 +5,7 @@
 
 Reads results/{paper,reduced}/<artifact>/ (paper scale preferred when present),
 results/bench/online_*.json and results/{paper,reduced}/fig1/fidelity.json; writes
-results/tables/table{1,2,3,3_evidence,4}.{md,tex,csv} and
+results/tables/table{1,2,3,3_evidence,3_pooled,4}.{md,tex,csv} and
 results/figures/{fig1,fig2,detection}.{png,pdf}.
 It never trains: an artifact without records is still written, with its cells empty and a
 note naming the experiment to run (experiments/<artifact>.yaml).

@@ -252,3 +252,57 @@ def table3_evidence(results: Path) -> tuple[Table, pd.DataFrame]:
              "are its random draws: its row is what chance looks like.", *notes]
     return Table("Table 3 evidence: paired differences, controls and noisy-label detection",
                  header, rows, notes), _long(long)
+
+
+def _pooled_cell(diffs: list[float]) -> tuple[str, dict]:
+    """``"+1.60 ± 2.59 (6/9; p=0.10, 0.51)"``: mean ± std of paired differences in points,
+    the pairs won, and the two-sided p-values of a one-sample t-test and a sign test."""
+    from scipy import stats
+
+    pts = [d * 100 for d in diffs]
+    wins = sum(d > 0 for d in pts)
+    m, s, n = mean_std(pts)
+    if n < 2:
+        return "-", {"mean": m, "std": s, "n": n}
+    p_t = float(stats.ttest_1samp(pts, 0.0).pvalue) if s > 0 else math.nan
+    p_sign = float(stats.binomtest(wins, n).pvalue)
+    return (f"{m:+.2f} ± {s:.2f} ({wins}/{n}; p={p_t:.3f}, {p_sign:.3f})",
+            {"mean": m, "std": s, "n": n, "p_t": p_t, "p_sign": p_sign})
+
+
+def table3_pooled(results: Path) -> tuple[Table, pd.DataFrame]:
+    """Per method: the paired differences to Vanilla and to its matched control, pooled over
+    every (CIFAR-10N set, seed) pair that has both runs (text sets are kept apart: another
+    model and regime)."""
+    df, scale = table3_runs(results)
+    ok = _completed(df)
+    sets = [ds for ds in P.TABLE3_DATASETS if ds.startswith("cifar10n")
+            and len(ok) and (ok["dataset"] == ds).any()]
+    rows, long = [], []
+    methods = evidence_rows(set(ok[ok["dataset"].isin(sets)]["method"])) if sets else []
+    for method in methods:
+        if method == "vanilla":
+            continue
+        cells = [label(method)]
+        for name, ref in (("vs_vanilla", "vanilla"), ("vs_control", control_of(method))):
+            diffs = []
+            for ds in sets:
+                diffs += paired(_by_seed(ok, ds, method, "final_test_acc"),
+                                _by_seed(ok, ds, ref, "final_test_acc"))[0]
+            text, stats_ = _pooled_cell(diffs) if not (
+                name == "vs_control" and method.startswith("random-")) else ("-", {"n": 0})
+            cells.append(text)
+            long.append({"table": "3p", "row": method, "column": name, "source": "ours",
+                         "scale": scale, **{k: stats_.get(k, math.nan)
+                                            for k in ("mean", "std", "n", "p_t", "p_sign")}})
+        rows.append(cells)
+    header = ["Method", "Δ vs Vanilla (pairs won; p t-test, sign test)",
+              "Δ vs its random control (pairs won; p t-test, sign test)"]
+    notes = [f"† {scale_note(df, scale)}." if sets else "No CIFAR-10N records.",
+             f"Pooled over {', '.join(P.display(ds) for ds in sets) or 'nothing'}: one pair "
+             "per (set, seed) with both runs; Δ in test-accuracy points, mean ± std over the "
+             "pairs. p: two-sided one-sample t-test of the differences, and sign test of the "
+             "pairs won. The sets share images and seeds (same initialisation and order), "
+             "so their pairs are not independent: read p as a guide, not a guarantee."]
+    return Table("Table 3, pooled: paired differences over the CIFAR-10N sets",
+                 header, rows, notes), pd.DataFrame(long)

@@ -1,5 +1,5 @@
 """make tables: tables from synthetic run records (values checked by hand), the paper's
-numbers beside ours, failed/OOM cells, and the full set of 16 files from the committed
+numbers beside ours, failed/OOM cells, and the full set of files from the committed
 results."""
 from __future__ import annotations
 
@@ -212,21 +212,24 @@ def test_make_tables_without_records_writes_tables_and_says_what_is_missing(tmp_
     assert make_tables.main(["--results", str(tmp_path), "--only", "table9"]) == 2
 
 
-def test_make_tables_on_the_committed_results_writes_all_16_files(tmp_path):
+def test_make_tables_on_the_committed_results_writes_every_table_and_figure(tmp_path):
     committed = ROOT / "results"
-    needed = [committed / "reduced" / a for a in ("table1", "table2", "table3", "fig1", "fig2")]
+    needed = [committed / "reduced" / a
+              for a in ("table1", "table2", "table3", "fig1", "fig2", "detection")]
     if not all(p.is_dir() for p in needed):
         pytest.skip("the reduced-scale results are not committed in this checkout")
     shutil.copytree(committed, tmp_path / "results",
                     ignore=shutil.ignore_patterns("tables", "figures"))
     assert make_tables.main(["--results", str(tmp_path / "results")]) == 0
-    files = [tmp_path / "results" / "tables" / f"table{n}.{e}" for n in (1, 2, 3, 4)
+    files = [tmp_path / "results" / "tables" / f"table{n}.{e}"
+             for n in ("1", "2", "3", "3_evidence", "3_pooled", "4")
              for e in ("md", "tex", "csv")]
-    files += [tmp_path / "results" / "figures" / f"fig{n}.{e}" for n in (1, 2)
-              for e in ("png", "pdf")]
+    files += [tmp_path / "results" / "figures" / f"{n}.{e}"
+              for n in ("fig1", "fig2", "detection") for e in ("png", "pdf")]
     assert all(f.is_file() and f.stat().st_size > 0 for f in files)
     table3_md = files[6].read_text()
     assert "reduced scale" in table3_md and "85.36 ± 0.18" in table3_md
+    assert "Random drop (matched to LAI)" in files[9].read_text()  # the evidence table
 
 
 def test_load_runs_of_an_empty_folder(tmp_path):
@@ -299,3 +302,34 @@ def test_table3_evidence_shows_warmup_variants_with_their_controls(tmp_path):
     assert table.rows[2][h] == "+4.00 (1/1)"
     main, _ = table3(tmp_path)
     assert not any("vanilla epochs" in r[0] for r in main.rows)  # variants: evidence only
+
+
+def test_table3_pooled_pairs_over_sets_and_seeds_with_hand_computed_tests(tmp_path):
+    """Pairs are (set, seed) with both runs; a text set is left out; the t-test and sign test
+    p-values are those of the differences worked out by hand."""
+    from scipy import stats
+
+    from lai.artifacts.table3 import table3_pooled
+    accs = {("cifar10n_worst", "vanilla"): [0.30, 0.40, 0.35],
+            ("cifar10n_worst", "lai"): [0.33, 0.41, 0.34],
+            ("cifar10n_worst", "random-lai"): [0.32, 0.42, 0.30],
+            ("cifar10n_aggre", "vanilla"): [0.50, 0.52],
+            ("cifar10n_aggre", "lai"): [0.55, 0.53],
+            ("cifar10n_aggre", "random-lai"): [0.50],  # seed 1 missing: no pair
+            ("emotion_n", "vanilla"): [0.3], ("emotion_n", "lai"): [0.9]}  # not pooled
+    for (ds, method), values in accs.items():
+        for seed, acc in enumerate(values):
+            fake_run(tmp_path, "table3", ds, method, seed, final_test_acc=acc)
+    table, long = table3_pooled(tmp_path)
+    rows = {r[0]: r for r in table.rows}
+    vs_vanilla = [5.0, 1.0, 3.0, 1.0, -1.0]  # aggre s0, s1; worst s0, s1, s2 (points)
+    p_t = stats.ttest_1samp(vs_vanilla, 0.0).pvalue
+    p_sign = stats.binomtest(4, 5).pvalue
+    assert rows["LAI"][1] == f"+1.80 ± 2.28 (4/5; p={p_t:.3f}, {p_sign:.3f})"
+    vs_control = [5.0, 1.0, -1.0, 4.0]
+    got = long[(long.row == "lai") & (long.column == "vs_control")].iloc[0]
+    assert got["n"] == 4 and got["mean"] == pytest.approx(sum(vs_control) / 4)
+    assert got["p_t"] == pytest.approx(stats.ttest_1samp(vs_control, 0.0).pvalue)
+    assert rows["Random drop (matched to LAI)"][2] == "-"
+    assert "Vanilla" not in rows
+    assert "CIFAR-10N-a, CIFAR-10N-w" in table.notes[1] and "Emotion" not in table.notes[1]
