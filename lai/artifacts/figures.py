@@ -163,7 +163,8 @@ def plot_fig1(fidelity: dict, out_stem: Path) -> list[Path]:
             ax.errorbar(i + 0.42, paper[m]["mean"], yerr=paper[m]["std"], fmt="D", ms=4,
                         color="black", capsize=3, lw=1,
                         label="paper mean ± std" if m == "lai" else None)
-    ax.set_xticks(range(1, len(proxies) + 1), [LABELS[m] for m in proxies])
+    ax.set_xticks(range(1, len(proxies) + 1), [LABELS[m].replace(" (", "\n(") for m in proxies],
+                  fontsize=8)
     ax.set_ylim(low, 1.01)
     ax.set_title("F   distribution over checkpoints", loc="left", fontsize=10,
                  fontweight="bold")
