@@ -87,8 +87,8 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, parts: int = 8,
     blocks of columns, so the product held at any time is ``1 / parts`` of ``a`` (for a
     language model ``a`` is ``[B, T, vocab]``, and the whole product was the peak of a LAI
     step). Tensors of at most ``small`` elements take one block. A batched matrix product
-    would hold nothing, but on the CPU it is 3-6x slower for such rows and sums a row in
-    one long float32 chain (1e-5 relative error on an LM row, 1e-7 here)."""
+    would hold nothing, but on the CPU it is slower for such rows and sums a row in one
+    long float32 chain (a larger rounding error on a language model's row)."""
     n = a.shape[0]
     a, b = a.reshape(n, -1), b.reshape(n, -1)
     if a.numel() <= small:

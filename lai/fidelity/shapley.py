@@ -19,12 +19,11 @@ permutations, then evaluates them in chunks through a *many-coalition* utility.
 :class:`SGDStepGame` is the one-step game with the per-sample gradients flattened into one
 ``[n, P]`` matrix (a coalition's parameters are one ``[n] @ [n, P]`` product), memoized per
 coalition, with a pluggable validation loss: :func:`fast_val_loss` picks a fused functional
-forward for GPT-Neo causal LMs (scaled-dot-product attention; ~1.7x faster than the eager
+forward for GPT-Neo causal LMs (scaled-dot-product attention; faster than the eager
 Hugging Face forward on CPU) and the generic ``functional_call`` otherwise. The results
 equal ``permutation_shapley(sgd_step_utility(...))`` to float rounding (the sums over a
-coalition are taken in another order). ``torch.func.vmap`` over several coalitions was
-measured slower than a loop on CPU (41 vs 17 ms per coalition, tiny GPT-Neo, 32 x 128
-validation tokens), so each coalition is one forward.
+coalition are taken in another order). Each coalition is one forward: ``torch.func.vmap``
+over several coalitions was slower than a loop on CPU.
 """
 from __future__ import annotations
 

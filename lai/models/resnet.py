@@ -18,7 +18,7 @@ def resnet18(num_classes: int, stem: str = "imagenet", in_channels: int = 3) -> 
     """
     if stem not in STEMS:
         raise ValueError(f"resnet18 stem must be one of {', '.join(STEMS)}; got {stem!r}")
-    import torchvision  # here, not at import: it costs ~2 s per process that never uses it
+    import torchvision  # here, not at import: a process that never uses it should not pay its import
 
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if stem == "cifar":
