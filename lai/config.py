@@ -14,9 +14,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A configuration value that composes but makes no sense (one-line message)."""
+from lai.errors import ConfigError  # noqa: F401  (raised by validate; lives with the other errors)
 
 
 @dataclass

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A configuration value that composes but makes no sense (one-line message)."""
+
+
 class MissingResourceError(FileNotFoundError):
     """Data files or model weights are absent and cannot be downloaded.
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lai.errors import MissingModelError
+from lai.errors import ConfigError, MissingModelError
 
 from lai.models.tokenizers import OFFLINE_HINT, minilm_path
 
@@ -74,7 +74,6 @@ def _from_pretrained(model_cls: type, name_or_path: str, local_only: bool,
     except Exception as err:  # OSError / ValueError / HTTP errors all mean "cannot load it"
         if ("size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err)) \
                 and "num_labels" in kwargs:
-            from lai.config import ConfigError
             raise ConfigError(
                 f"pretrained model {name_or_path!r} has a classification head of another size "
                 f"than the dataset's {kwargs['num_labels']} classes; use a checkpoint without "

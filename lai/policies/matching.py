@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf  # noqa: F401  (DictConfig: type hints)
 
-from lai.config import ConfigError
+from lai.errors import ConfigError
 from lai.train.records import VOLATILE_KEYS, plain_config
 
 # groups and keys in which a control and its matched method may differ

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lai.config import ConfigError, validate
+from lai.config import validate
+from lai.errors import ConfigError
 from lai.data import build_data, needs_tokenizer, resolve_data_dir
 from lai.estimators.capture import select_layers
 from lai.estimators.registry import build_estimator
