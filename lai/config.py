@@ -211,6 +211,7 @@ _CHOICES = {
     "trainer.precision": ("fp32", "bf16"),
     "model.attention": ("eager", "sdpa"),
     "model.pooling": ("cls", "mean"),
+    "model.stem": ("imagenet", "cifar"),
     "logger.mode": ("online", "offline", "disabled"),
 }
 

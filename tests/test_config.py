@@ -145,6 +145,7 @@ def test_every_trainer_builds_optimizer_and_schedule(name):
     ("dataset.val_limit=0", "dataset.val_limit must be >= 1"),
     ("dataset.test_limit=0", "dataset.test_limit must be >= 1"),
     ("dataset.max_length=0", "dataset.max_length and dataset.block_size must be >= 1"),
+    ("model=resnet18 model.stem=tiny", "model.stem='tiny' is not one of: imagenet, cifar"),
     ("logger.mode=loud", "logger.mode='loud' is not one of: online, offline, disabled"),
     ("policy=percentile policy.keep_fraction=0", r"policy.keep_fraction must be in \(0, 1\]"),
     ("policy=mean_std policy.k=-1", "policy.k must be >= 0"),
