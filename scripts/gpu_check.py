@@ -123,11 +123,12 @@ def step_bench(r: Runner, py: str, precision: str, limit: float, device: str) ->
 def step_table3(r: Runner, py: str, device: str, seeds: int, data_dir: str) -> None:
     common = [f"data_dir={data_dir}", f"device={device}", "trainer.progress=false",
               "dataset.download=false", f"results_dir={r.out / 'table3'}"]
-    if r.dry_run:
-        common += ["model=small_cnn", "model.hidden=4", "dataset.train_limit=128",
-                   "dataset.val_limit=32", "dataset.test_limit=64", "trainer.batch_size=32"]
-    dataset = ("dataset=cifar10n_worst" if (Path(data_dir) / "cifar10n").is_dir()
-               else "dataset=digits_n")  # the dry run without ../shared/data
+    have_cifar = (Path(data_dir) / "cifar10n").is_dir()
+    dataset = "dataset=cifar10n_worst" if have_cifar else "dataset=digits_n"  # the dry run
+    if r.dry_run:  # without ../shared/data: digits (vector data) with an MLP
+        common += ["model=small_cnn" if have_cifar else "model=mlp", "model.hidden=4",
+                   "dataset.train_limit=128", "dataset.val_limit=32", "dataset.test_limit=64",
+                   "trainer.batch_size=32"]
     # the epoch time, measured (a separate results folder: not one of the table's runs)
     probe = r.run("table3_probe", [py, "run.py", dataset, "estimator=vanilla", "seed=0",
                                    "trainer.epochs=1", *common[:-1],
