@@ -11,10 +11,16 @@ from lai.batching import (Batch, LossFn, as_batch, forward_logits, resolve_label
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import ghost_pairwise
 from lai.estimators.ghost_flat import flattened_ghost_values
-from lai.estimators.registry import build_estimator
-from lai.estimators.static import STATIC, static_values
+from lai.estimators.registry import (ESTIMATORS, OnlineOptions, build_estimator,
+                                     static_names)
+from lai.estimators.static import static_values
 
-ONLINE_METHODS = ("lai", "lli", "ghost")
+
+def online_methods() -> tuple[str, ...]:
+    """The registered online estimators that value samples against validation data (not
+    ``vanilla`` or ``spl``, which value nothing)."""
+    return tuple(e.name for e in ESTIMATORS if e.kind == "online"
+                 and issubclass(e.options, OnlineOptions))
 
 
 def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai", *,
@@ -67,7 +73,7 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
     regression, label smoothing, multi-label BCE, ...); each sample's loss must depend on
     its own row of the outputs only. Its output gradient is taken by autograd.
     """
-    method = _method_name(method, ("lai", "lli", "ghost", "ghost_flat", *STATIC))
+    method = _method_name(method, (*online_methods(), "ghost_flat", *static_names()))
     with using_loss(loss_fn):
         return _value(model, train_batch, val_batch, method, output_layer, layers, cache,
                       chunk_size, hessian_batch, lm_labels, options)
@@ -80,7 +86,7 @@ def _value(model: nn.Module, train_batch: Any, val_batch: Any, method: str,
     def batch(raw: Any) -> Batch:
         return resolve_labels(model, raw, as_batch(raw), lm_labels)
 
-    if method in STATIC:
+    if method in static_names():
         if hessian_batch is None:
             hessians = None
         elif isinstance(hessian_batch, (tuple, dict)) or hasattr(hessian_batch, "labels"):
@@ -90,13 +96,13 @@ def _value(model: nn.Module, train_batch: Any, val_batch: Any, method: str,
         with preserved_buffers(model):
             return static_values(method, model, [batch(train_batch)], [batch(val_batch)],
                                  hessians, **options)
-    if options:
-        raise TypeError(f"method {method!r} takes no options {sorted(options)}")
     if method == "ghost_flat":
+        if options:
+            raise TypeError(f"method 'ghost_flat' takes no options {sorted(options)}")
         return flattened_ghost_values(model, batch(train_batch), batch(val_batch))
     train, val = batch(train_batch), batch(val_batch)
-    est = build_estimator(method, layers=layers, output_layer=output_layer, cache=cache,
-                          chunk_size=chunk_size)
+    est = build_estimator(method, **_given(layers=layers, output_layer=output_layer,
+                                           cache=cache, chunk_size=chunk_size), **options)
     with torch.no_grad(), preserved_buffers(model):
         est.refresh(model, val)
         with est.capture(model, train) as cap:
@@ -114,14 +120,14 @@ def pairwise(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "
     pass per validation sample); ``lai``/``lli``: the per-pair terms of their sums. Token
     labels and ``loss_fn`` as in :func:`value`.
     """
-    method = _method_name(method, ONLINE_METHODS)
+    method = _method_name(method, online_methods())
     train = resolve_labels(model, train_batch, as_batch(train_batch), lm_labels)
     val = resolve_labels(model, val_batch, as_batch(val_batch), lm_labels)
     with using_loss(loss_fn):
         if method == "ghost":
             return ghost_pairwise(model, train, val)
-        est = build_estimator(method, layers=layers, output_layer=output_layer,
-                              cache="pairwise")
+        est = build_estimator(method, cache="pairwise",
+                              **_given(layers=layers, output_layer=output_layer))
         with torch.no_grad(), preserved_buffers(model):
             est.refresh(model, val)
             with est.capture(model, train) as cap:
@@ -139,3 +145,13 @@ def _method_name(method: str, allowed: Sequence[str]) -> str:
             if name in ("vanilla", "spl") else "")
     raise ValueError(f"unknown method {method!r}; this function takes: {', '.join(allowed)}"
                      f"{hint}")
+
+
+_DEFAULTS = {"layers": None, "output_layer": None, "cache": "auto", "chunk_size": 512}
+
+
+def _given(**values: Any) -> dict:
+    """The options a caller changed from :data:`_DEFAULTS` (this module's keyword defaults).
+    Options left at their defaults are not passed on, so an estimator without them (Ghost
+    has no ``layers``) is not handed keys it refuses."""
+    return {k: v for k, v in values.items() if v is not _DEFAULTS[k] and v != _DEFAULTS[k]}

@@ -9,12 +9,17 @@ composes the config, before any data is loaded. Value checks that types cannot e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from lai.errors import ConfigError  # noqa: F401  (raised by validate; lives with the other errors)
+from lai.estimators.registry import EstimatorOptions
+from lai.policies.registry import PolicyOptions
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
@@ -55,55 +60,6 @@ class ModelConfig:
     # bert (pretrained): cls = the pooler's [CLS] vector (BertForSequenceClassification) |
     # mean = the masked mean of the last hidden states (sentence encoders such as MiniLM)
     pooling: str = "cls"
-
-
-@dataclass
-class EstimatorConfig:
-    """How each training sample is valued online (sign: positive = helps)."""
-
-    name: str = "vanilla"  # vanilla | lai | lli
-    layers: str = "all"  # lai layer set: all | code | lli
-    val_fraction: float = 0.1  # fraction of the validation split drawn for each cache refresh
-    val_max: Optional[int] = None  # cap on the validation samples per refresh
-    refresh_every: int = 1  # rebuild the validation cache every N optimizer steps
-    cache: str = "auto"  # auto | folded | pairwise (auto: folded when classes < |V|)
-    val_mode: str = "eval"  # eval | train: module mode for the validation-cache forward
-    output_layer: Optional[str] = None  # module name of the output layer; None = last nn.Linear
-    self_influence: bool = False  # V = the current training batch (pre-training, no val set)
-    precondition: str = "none"  # none | adam: score in Adam's preconditioned space (App. E)
-    ghost_mode: str = "auto"  # ghost: auto | forward | probe (lai/estimators/ghost.py)
-    release_tangents: bool = True  # ghost forward form: free unreachable tangents (tangents.py)
-    # ghost forward form: constants without efficient-zero tangents, lean BN/softmax tangents
-    forward_fastpaths: bool = True  # (forward_fastpaths.py; less host time and memory)
-    offload: bool = False  # lai/lli: cache in host memory, prefetched per layer (for CUDA)
-    # static estimators (runner=two_round): ip | lissa | datainf | trak
-    damping: Optional[float] = None  # lissa: lambda (None -> 0.01); datainf: None = its rule
-    lissa_scale: Optional[float] = None  # LiSSA: > the top eigenvalue of H + lambda I; None =
-    # 1.5 x (a power-iteration estimate + lambda)
-    lissa_depth: int = 100  # LiSSA recursion steps
-    lissa_repeats: int = 1  # LiSSA independent repeats, averaged
-    proj_dim: int = 2048  # TRAK projection dimension
-    trak_checkpoints: int = 1  # TRAK ensemble: this many round-1 checkpoints (last epochs)
-    hessian_samples: int = 1000  # lissa/datainf: training samples the curvature is taken from
-
-
-@dataclass
-class PolicyConfig:
-    """What to do with the values: weights per sample (0/1 for filtering)."""
-
-    name: str = "threshold"  # threshold | percentile | mean_std | reweight | spl | score_only
-    # | random (the random-drop control)
-    threshold: float = 0.0  # threshold: keep samples with value >= threshold
-    start_epoch: int = 0  # warm-up: epochs (0-based) before this one train on every sample
-    keep_fraction: float = 0.5  # percentile: keep the top q of each batch; random: keep each
-    # sample with this probability (unless match is set)
-    match: Optional[str] = None  # random: keep each sample with the kept fraction per epoch of
-    # this run (a run folder, or a method name looked up in results_dir with the same config)
-    k: float = 1.0  # mean_std: drop values below mean - k * std of the batch
-    temperature: float = 1.0  # reweight: softmax temperature in units of the batch's std
-    spl_start_fraction: float = 0.5  # spl: initial lambda = this quantile of the first losses
-    spl_lambda: Optional[float] = None  # spl: initial lambda (loss threshold); None = quantile
-    spl_growth: float = 1.1  # spl: lambda multiplied by this every epoch
 
 
 @dataclass
@@ -167,8 +123,9 @@ class Config:
 
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
-    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # typed per estimator / policy: the group's option picks its dataclass (registries)
+    estimator: EstimatorOptions = field(default_factory=EstimatorOptions)
+    policy: PolicyOptions = field(default_factory=PolicyOptions)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -182,27 +139,31 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas so that ``conf/**.yaml`` files are validated against them."""
+    """Register the schemas so that ``conf/**.yaml`` files are validated against them: one
+    per group, and one per registered estimator and policy (``<name>_schema``, which its
+    YAML file names in its defaults list; a plug-in without a YAML file is stored under its
+    own name, so ``estimator=<name>`` works without one)."""
+    from lai.estimators import ESTIMATORS
+    from lai.policies import POLICIES
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, node in [("dataset", DatasetConfig), ("model", ModelConfig),
-                        ("estimator", EstimatorConfig), ("policy", PolicyConfig),
                         ("runner", RunnerConfig), ("trainer", TrainerConfig),
                         ("logger", LoggerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+    for group, registry in (("estimator", ESTIMATORS), ("policy", POLICIES)):
+        for entry in registry:
+            node = entry.options(name=entry.name)
+            cs.store(group=group, name=f"{entry.name}_schema", node=node)
+            if not (CONF_DIR / group / f"{entry.name}.yaml").is_file():
+                cs.store(group=group, name=entry.name, node=node)
 
 
 # ---- value checks that types cannot express ----------------------------------------------
+# (the estimator's and the policy's own options are checked by their dataclasses)
 _CHOICES = {
-    "estimator.name": ("vanilla", "lai", "lli", "ghost", "spl", "ip", "lissa", "datainf",
-                       "trak"),
-    "estimator.precondition": ("none", "adam"),
-    "estimator.ghost_mode": ("auto", "forward", "probe"),
     "trainer.strategy": ("one_pass", "two_pass"),
-    "estimator.cache": ("auto", "folded", "pairwise"),
-    "estimator.val_mode": ("eval", "train"),
-    "policy.name": ("threshold", "percentile", "mean_std", "reweight", "spl", "score_only",
-                    "random"),
     "runner.name": ("online", "two_round"),
     "trainer.optimizer": ("sgd", "adam", "adamw"),
     "trainer.schedule": ("constant", "cosine", "linear", "warm_restarts"),
@@ -222,20 +183,31 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _policy(cfg: Any) -> Any:
-    """The policy object the config describes (its own checks raise ValueError)."""
-    from lai.policies.factory import build_policy_from_config
+def part_options(cfg: Any) -> tuple[Any, Any]:
+    """``(estimator options, policy options)``: the dataclass instances ``cfg.estimator``
+    and ``cfg.policy`` describe, checked; a bad name or value is a :class:`ConfigError`."""
+    from lai.estimators.registry import estimator_options
+    from lai.policies.registry import POLICIES
+    from lai.plugins import options_from_config
 
-    try:
-        return build_policy_from_config(cfg.policy)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"policy: {e}") from None
+    out = []
+    for group, make in (("estimator", estimator_options),
+                        ("policy", lambda node: options_from_config(node, POLICIES))):
+        try:
+            out.append(make(cfg[group]))
+        except (TypeError, ValueError) as e:
+            message = str(e).splitlines()[0]
+            raise ConfigError(message if message.startswith(f"{group}.")
+                              else f"{group}: {message}") from None
+    return out[0], out[1]
 
 
 def validate(cfg: Any) -> None:
     """Raise :class:`ConfigError` (one line) for values that compose but cannot work."""
     from lai.data.registry import DATASETS
+    from lai.estimators.registry import ESTIMATORS, static_names
     from lai.models.registry import MODELS
+    from lai.policies.registry import POLICIES
 
     for key, allowed in _CHOICES.items():
         val = _get(cfg, key)
@@ -247,52 +219,26 @@ def validate(cfg: Any) -> None:
     if cfg.model.name not in MODELS:
         raise ConfigError(f"model.name={cfg.model.name!r} is unknown; known: "
                           f"{', '.join(sorted(MODELS))}")
-    layers = cfg.estimator.layers
-    if isinstance(layers, str) and layers not in ("all", "code", "lli"):
-        raise ConfigError(f"estimator.layers={layers!r} is not one of: all, code, lli")
-    if cfg.estimator.name == "lli" and layers not in ("all", "lli"):
-        raise ConfigError("estimator=lli uses the output layer only; set estimator.layers only "
-                          "with estimator=lai")
-    est, pol = cfg.estimator.name, cfg.policy.name
-    static = est in ("ip", "lissa", "datainf", "trak")
+    est_opts, pol_opts = part_options(cfg)
+    est, pol = est_opts.name, pol_opts.name
+    static = ESTIMATORS.get(est).kind == "static"
     if static != (cfg.runner.name == "two_round"):
         raise ConfigError(f"estimator={est} is {'static' if static else 'online'}: use "
                           f"runner={'two_round' if static else 'online'} "
-                          "(static: ip, lissa, datainf, trak)")
-    if (est == "spl") != (pol == "spl"):
-        raise ConfigError("estimator=spl and policy=spl go together (SPL's value is -loss); "
-                          f"got estimator={est} policy={pol}")
-    _policy(cfg)  # the policy's own checks (ranges of its options), as ConfigErrors
-    if cfg.policy.get("match") is not None and pol != "random":
-        raise ConfigError(f"policy.match applies to policy=random (the random-drop control), "
-                          f"not policy={pol}")
-    if cfg.estimator.precondition == "adam" and cfg.trainer.optimizer not in ("adam", "adamw"):
+                          f"(static: {', '.join(static_names())})")
+    for a, b in ((ESTIMATORS.get(est), "policy"), (POLICIES.get(pol), "estimator")):
+        wants = a.meta.get(b)  # a part that only works with one of the other kind
+        if wants is not None and cfg[b].name != wants:
+            raise ConfigError(f"{'estimator' if b == 'policy' else 'policy'}={a.name} needs "
+                              f"{b}={wants}; got {b}={cfg[b].name}")
+    try:
+        POLICIES.build(pol_opts)  # the policy's own checks of its values
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"policy: {str(e).splitlines()[0]}") from None
+    if est_opts.curation().get("precondition", "none") == "adam" and \
+            cfg.trainer.optimizer not in ("adam", "adamw"):
         raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
-    if cfg.estimator.ghost_mode == "probe" and est == "ghost" and not (
-            cfg.trainer.strategy == "one_pass" and _policy(cfg).keeps_all_unweighted):
-        raise ConfigError("estimator.ghost_mode=probe gives values only after the backward: it "
-                          "needs trainer.strategy=one_pass and a policy that keeps every sample "
-                          "(policy=score_only); use ghost_mode=auto or forward to filter")
-    if cfg.estimator.get("offload", False) and est not in ("lai", "lli"):
-        raise ConfigError(f"estimator.offload keeps LAI's validation cache on the host: it "
-                          f"applies to lai and lli, not {est}")
-    if (cfg.estimator.precondition == "adam" or cfg.estimator.self_influence) and \
-            est not in ("lai", "lli", "ghost"):
-        raise ConfigError("estimator.precondition / self_influence apply to lai, lli and ghost")
     checks = [
-        (0 < cfg.estimator.val_fraction <= 1, "estimator.val_fraction must be in (0, 1]"),
-        (cfg.estimator.refresh_every >= 1, "estimator.refresh_every must be >= 1"),
-        (cfg.estimator.val_max is None or cfg.estimator.val_max >= 1,
-         "estimator.val_max must be >= 1"),
-        (cfg.estimator.damping is None or cfg.estimator.damping >= 0,
-         "estimator.damping must be >= 0"),
-        (cfg.estimator.lissa_depth >= 1 and cfg.estimator.lissa_repeats >= 1
-         and (cfg.estimator.lissa_scale is None or cfg.estimator.lissa_scale > 0),
-         "estimator.lissa_depth/repeats/scale must be > 0"),
-        (cfg.estimator.proj_dim >= 1 and cfg.estimator.trak_checkpoints >= 1,
-         "estimator.proj_dim and trak_checkpoints must be >= 1"),
-        (cfg.estimator.hessian_samples >= 1, "estimator.hessian_samples must be >= 1"),
-        (cfg.policy.start_epoch >= 0, "policy.start_epoch must be >= 0"),
         (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
         (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
         (cfg.trainer.eval_batch_size >= 1, "trainer.eval_batch_size must be >= 1"),

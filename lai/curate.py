@@ -151,7 +151,7 @@ class Curator:
                  policy_options: Optional[dict] = None, loss_fn: Optional[LossFn] = None,
                  **estimator_options: Any):
         from lai.estimators.registry import build_estimator
-        from lai.policies.factory import build_policy
+        from lai.policies.registry import build_policy
 
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of: {', '.join(STRATEGIES)}")
@@ -175,8 +175,7 @@ class Curator:
         if self.self_influence and val_data is not None:
             raise ValueError("self_influence values each batch against itself: give no "
                              "val_data")
-        needs_val = (self.scoring and not self.self_influence
-                     and getattr(self.est, "needs_validation", True))
+        needs_val = self.scoring and not self.self_influence and self.est.needs_validation
         if needs_val and val_data is None:
             raise ValueError(f"method {self.est.name!r} needs val_data (or "
                              "self_influence=True)")
@@ -205,8 +204,6 @@ class Curator:
         """Ghost: the probe form when values may come after the backward (one pass and a
         policy keeping every sample), else the forward form (chosen in train mode, the mode
         the steps run in: train-mode BatchNorm couples samples)."""
-        if not hasattr(self.est, "plan"):
-            return
         was_training = self.model.training
         self.model.train()
         try:
@@ -219,11 +216,7 @@ class Curator:
         """Score in the optimizer's preconditioned space (``precondition="adam"``)."""
         if precondition not in ("none", "adam"):
             raise ValueError(f"precondition={precondition!r} is not one of: none, adam")
-        if hasattr(self.est, "bind_optimizer"):
-            self.est.bind_optimizer(self.model, optimizer, precondition)
-        elif precondition != "none":
-            raise ValueError(f"precondition applies to lai, lli and ghost, not "
-                             f"{self.est.name!r}")
+        self.est.bind_optimizer(self.model, optimizer, precondition)
 
     # ---- the validation cache ----------------------------------------------------------
     def refresh(self, batch: Optional[Batch] = None) -> None:
@@ -298,8 +291,7 @@ class CurationStep:
         self.curator, self.batch, self.epoch, self.index = curator, batch, epoch, index
         self.scored = score_now
         est = curator.est
-        self.late = score_now and curator.scoring and getattr(est, "scores_after_backward",
-                                                              False)
+        self.late = score_now and curator.scoring and est.scores_after_backward
         self.two_pass = score_now and curator.scoring and curator.strategy == "two_pass"
         # the forward inside `with` carries the estimator's hooks
         self.hooked = score_now and curator.scoring

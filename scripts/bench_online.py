@@ -3,7 +3,7 @@
     make bench                 # or: python scripts/bench_online.py [--steps 16] [--device auto]
 
 For each setup, the script builds a synthetic data bundle in memory and runs the library's
-own training step (``lai.train.loop.Trainer._step``: the code path real runs use, with its
+own training step (``lai.train.loop.Trainer.train_step``: the code path real runs use, with its
 preprocessing, scoring, policy and update) for vanilla, LAI, LLI and Ghost, all in one
 process. The setups are:
 
@@ -26,7 +26,7 @@ Measured per method:
 - peak memory of a step, ``peak_mem_mb`` (MiB), measured on one step after the timed ones;
   ``mem_method`` says how: ``cuda_allocator`` (``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats``) on CUDA, ``tensor_storage`` on the CPU
-  (``lai.train.memory.PeakTensorMemory``: the peak bytes of live tensor storages, counting
+  (``lai.bench.memory.PeakTensorMemory``: the peak bytes of live tensor storages, counting
   everything alive at the start (model, gradients, optimizer state, batches, caches) once per
   storage, plus every storage the step creates, autograd's saved tensors included, until it is
   freed; no allocator rounding or caching, no kernel workspaces). ``mem_start_mb`` is what was
@@ -77,7 +77,7 @@ kernels and the refresh are measured with each method alone in the process
 inside the timed region (real runs flush every ``trainer.log_every`` = 50 steps, so this
 overstates that cost). Each row also records ``ops`` (aten kernels dispatched by one step, a
 launch-overhead proxy that does not depend on the machine's load) and ``syncs`` (host
-synchronisations in one step), both counted by ``lai.train.syncs.DeviceWork``.
+synchronisations in one step), both counted by ``lai.bench.syncs.DeviceWork``.
 
 Counts taken under a PyTorch dispatch mode (ops, FLOPs, the tensor-storage peak) that fail on
 CUDA under bf16 autocast are taken again with autocast off and say so in ``count_notes``
@@ -108,14 +108,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lai.batching import forward_logits  # noqa: E402
-from lai.config import EstimatorConfig, TrainerConfig  # noqa: E402
+from lai.config import TrainerConfig  # noqa: E402
 from lai.data.base import DataBundle, TensorSplit  # noqa: E402
-from lai.estimators.registry import build_estimator  # noqa: E402
+from lai.estimators.registry import build_estimator, estimator_options  # noqa: E402
 from lai.models.hf import ATTENTIONS  # noqa: E402
 from lai.policies import build_policy  # noqa: E402
 from lai.train.loop import EpochStats, Trainer  # noqa: E402
-from lai.train.memory import PeakTensorMemory  # noqa: E402
-from lai.train.syncs import DeviceWork  # noqa: E402
+from lai.bench.memory import PeakTensorMemory  # noqa: E402
+from lai.bench.syncs import DeviceWork  # noqa: E402
 
 TARGETS = {  # issue 6: (row, metric, bound)
     "LAI score-only step": ("lai", "time_ratio", 1.15),
@@ -299,10 +299,12 @@ class MethodBench:
             raise ValueError(f"{method}: /nofast applies to ghost only")
         tcfg = TrainerConfig(batch_size=b, optimizer="sgd", lr=1e-3, progress=False,
                              strategy="two_pass" if two_pass else "one_pass", **speed)
-        ecfg = EstimatorConfig(name=est_name, val_fraction=1.0, val_max=n_val)
-        self.est = build_estimator(est_name, ghost_mode=ghost_mode, offload="offload" in parts,
-                                   **({"forward_fastpaths": False} if "nofast" in parts
-                                      else {}))
+        options = ({"ghost_mode": ghost_mode, **({"forward_fastpaths": False}
+                                                if "nofast" in parts else {})}
+                   if est_name == "ghost" else
+                   {"offload": "offload" in parts} if est_name in ("lai", "lli") else {})
+        ecfg = estimator_options(est_name, val_fraction=1.0, val_max=n_val, **options)
+        self.est = build_estimator(ecfg)
         policy = (build_policy("percentile", keep_fraction=0.5) if filtering
                   else build_policy("score_only"))
         self.tr = Trainer(self.model, data, self.est, policy, tcfg, ecfg, device,
@@ -324,7 +326,7 @@ class MethodBench:
             if self.user_loop:
                 self._user_step(raw)
             else:
-                self.tr._step(raw, 0, self.i)
+                self.tr.train_step(raw, 0, self.i)
             self.i += 1
         if flush:
             self.tr._flush(0, self.i, self.stats)

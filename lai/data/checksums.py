@@ -48,21 +48,6 @@ def make_registry(data_dir: Path, suffixes=(".npz", ".gz", ".json", ".npy", ".pt
     return out
 
 
-def dataset_folders(name: str) -> tuple[str, ...]:
-    """The folders (relative to ``data_dir``) that dataset ``name``'s builder reads from."""
-    from lai.data.lm import FOLDERS as LM_FOLDERS
-    from lai.data.text import SPECS
-    from lai.data.vision import VARIANTS
-
-    if name in VARIANTS:
-        return (VARIANTS[name][0].folder,)
-    if name in SPECS:
-        return (SPECS[name].folder,)
-    if name == "pile":
-        return tuple(LM_FOLDERS)
-    return ()  # digits_n: bundled with scikit-learn
-
-
 def verify_files(data_dir: Path, folders: tuple[str, ...],
                  registry: dict[str, dict] | None = None) -> int:
     """Check every recorded file under ``data_dir/<folder>`` that exists; returns how many

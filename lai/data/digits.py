@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lai.data.base import DataBundle, TensorSplit
+from lai.data.registry import register_dataset
 from lai.data.noise import symmetric_noise
 from lai.data.splits import derive_seed, plan_splits
 
@@ -71,3 +72,6 @@ def build_digits(cfg: Any, *, data_dir: Path | None = None, seed: int = 0,
         noisy=noisy, clean_train_labels=clean[tr].copy(),
         class_names=[str(i) for i in range(10)], info=info,
     )
+
+
+register_dataset("digits_n", build_digits)  # bundled with scikit-learn: no files

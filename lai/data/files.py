@@ -11,13 +11,39 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from lai.data.base import MissingDataError
+from lai.errors import MissingResourceError
+
+
+class MalformedDataError(MissingResourceError):
+    """A data file is present but cannot be read as its format (one-line message)."""
 
 
 def read_jsonl_gz(path: Path, fields: Sequence[str] | None = None) -> dict[str, list]:
-    """Columns of a ``.jsonl.gz`` file: ``{field: [value per row]}`` (all fields if ``None``)."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    """Columns of a ``.jsonl.gz`` file: ``{field: [value per row]}`` (all fields if ``None``).
+
+    A file that is not gzip, a line that is not a JSON object, or a row without one of
+    ``fields`` raises :class:`MalformedDataError` naming the file and the line."""
+    rows, line_no = [], 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError("not a JSON object")
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno:
+            raise  # the file system's error (missing, unreadable): reported as such
+        where = f" line {line_no}" if line_no else ""
+        raise MalformedDataError(f"{path}{where}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'}; "
+                                 "expected gzip JSON Lines (one object per line)") from None
     keys = list(fields) if fields is not None else (list(rows[0]) if rows else [])
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if k not in r]
+        if fields is not None and missing:
+            raise MalformedDataError(f"{path}: row {i + 1} has no field(s) "
+                                     f"{', '.join(missing)}")
     return {k: [r.get(k) for r in rows] for k in keys}
 
 

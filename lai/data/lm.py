@@ -21,6 +21,7 @@ from lai.batching import IGNORE_INDEX
 from lai.data.base import DataBundle, TensorSplit
 from lai.data.download import HF_HOST, failure_note, guarded
 from lai.data.files import missing_data_error, read_jsonl_gz, write_jsonl_gz
+from lai.data.registry import register_dataset
 from lai.data.splits import derive_seed, holdout_count, holdout_split, limit_indices
 
 PILE_HF = "monology/pile-uncopyrighted"
@@ -173,3 +174,6 @@ def build_pile(cfg: Any, *, data_dir: Path, seed: int, tokenizer: Any = None) ->
         test=lm_split(test_pool[torch.from_numpy(test_idx)]),
         info=info,
     )
+
+
+register_dataset("pile", build_pile, text=True, folders=tuple(FOLDERS))

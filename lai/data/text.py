@@ -23,8 +23,10 @@ import torch
 
 from lai.data.base import DataBundle, TensorSplit
 from lai.data.download import DownloadFailed, failure_note, hf_load_dataset
-from lai.data.files import missing_data_error, read_class_names, read_jsonl_gz, write_jsonl_gz
+from lai.data.files import (MalformedDataError, missing_data_error, read_class_names,
+                            read_jsonl_gz, write_jsonl_gz)
 from lai.data.noise import symmetric_noise
+from lai.data.registry import register_dataset
 from lai.data.splits import derive_seed, plan_splits
 
 # ----------------------------------------------------------------------------- tables
@@ -56,10 +58,17 @@ def read_table(path: Path) -> TextTable:
     elif "text_a" in cols and "text_b" in cols:
         text, text_b = cols["text_a"], cols["text_b"]
     else:
-        raise ValueError(f"{path}: expected a 'text' or 'text_a'/'text_b' field; "
-                         f"got {sorted(cols)}")
+        raise MalformedDataError(f"{path}: expected a 'text' or 'text_a'/'text_b' field; "
+                                 f"got {sorted(cols)}")
+    labels = cols.get("label")
+    if labels is None or any(v is None for v in (*text, *(text_b or ()), *labels)):
+        raise MalformedDataError(f"{path}: every row needs its text and an integer 'label'")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise MalformedDataError(f"{path}: 'label' must be an integer class index") from None
     return TextTable([str(t) for t in text], None if text_b is None else [str(t) for t in text_b],
-                     np.asarray(cols["label"], dtype=np.int64))
+                     labels)
 
 
 def tokenize_table(tokenizer: Any, table: TextTable, max_length: int) -> TensorSplit:
@@ -269,3 +278,7 @@ def build_text_classification(cfg: Any, *, data_dir: Path, seed: int,
         clean_train_labels=None if is_glue else clean[tr].copy(),
         class_names=read_class_names(root / spec.folder / "labels.json"), info=info,
     )
+
+
+for _name, _spec in SPECS.items():
+    register_dataset(_name, build_text_classification, text=True, folders=(_spec.folder,))

@@ -28,6 +28,7 @@ from lai.data.base import DataBundle, TensorSplit
 from lai.data.download import failure_note, fetch_url, guarded
 from lai.data.files import missing_data_error, read_class_names
 from lai.data.noise import resample_from_transition, transition_matrix
+from lai.data.registry import register_dataset
 from lai.data.splits import derive_seed, plan_splits
 
 CIFARN_URL = "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/{file}"
@@ -395,3 +396,7 @@ def build_cifar(cfg: Any, *, data_dir: Path, seed: int, tokenizer: Any = None) -
         preprocess=CifarPreprocess(fam.mean, fam.std, augment=bool(cfg.augment)),
         class_names=class_names, info=info,
     )
+
+
+for _name, (_family, _) in VARIANTS.items():
+    register_dataset(_name, build_cifar, folders=(_family.folder,))

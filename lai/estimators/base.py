@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lai.batching import IGNORE_INDEX, Batch, custom_loss, per_sample_loss
+from lai.estimators.registry import EstimatorOptions, register_estimator
 
 
 def output_gradient(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,9 @@ class OnlineEstimator(ABC):
 
     Use: ``refresh(model, val_batch)`` to rebuild the cache; then for a training batch
     ``with est.capture(model, batch) as cap: model forward`` and ``est.score(cap)``.
+
+    Besides the three abstract methods, an estimator may override the optional capabilities
+    below; the defaults are no-ops (or a clear refusal), so callers never probe for them.
     """
 
     name: str = "online"
@@ -80,6 +84,8 @@ class OnlineEstimator(ABC):
     # validation-cache forward); the trainer sets bf16 autocast here with precision=bf16.
     # Everything after a forward (gradients, cache, values) runs outside it, in fp32.
     forward_context: Callable[[], AbstractContextManager] = nullcontext
+    # True when reduce_cache() sums the validation cache over data-parallel ranks
+    supports_data_parallel: bool = False
 
     @abstractmethod
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
@@ -92,6 +98,41 @@ class OnlineEstimator(ABC):
     @abstractmethod
     def score(self, capture: Any) -> torch.Tensor:
         """``[B]`` values of the captured batch, float32, positive = helps."""
+
+    # ---- optional capabilities -----------------------------------------------------------
+    @property
+    def scores_after_backward(self) -> bool:
+        """True when :meth:`score` must wait for the training backward (Ghost's probe form);
+        the caller then sets ``capture.row_scale`` to each sample's loss coefficient."""
+        return False
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a one-line ValueError when the estimator's options do not fit ``model``
+        (e.g. a layer name it does not have), before training. Default: nothing to check."""
+
+    def plan(self, model: nn.Module, values_before_backward: bool) -> None:
+        """Settle how to score ``model`` (in the mode it trains in), before the first step.
+        ``values_before_backward``: the policy needs the values to weight the loss."""
+
+    def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       precondition: str = "none") -> None:
+        """Score in ``optimizer``'s preconditioned space (``precondition="adam"``). The
+        default supports only ``"none"``: anything else is a ValueError."""
+        if precondition != "none":
+            raise ValueError(f"precondition={precondition!r} does not apply to estimator "
+                             f"{self.name!r}")
+
+    def prepare_data_parallel(self) -> None:
+        """Make the cache summable over data-parallel ranks, before the first refresh; a
+        ValueError when this estimator cannot run data-parallel."""
+        if self.needs_validation and not self.supports_data_parallel:
+            raise ValueError(f"estimator {self.name!r} has no data-parallel cache")
+
+    def reduce_cache(self, sum_: Callable[[torch.Tensor], Any]) -> None:
+        """Sum the validation cache over ranks in place, calling ``sum_`` (an all-reduce) on
+        each cache tensor. Default: nothing to sum (no cache)."""
+        if self.needs_validation:
+            raise RuntimeError(f"estimator {self.name!r} has no data-parallel cache")
 
 
 class VanillaEstimator(OnlineEstimator):
@@ -108,3 +149,8 @@ class VanillaEstimator(OnlineEstimator):
 
     def score(self, capture: Any) -> None:  # type: ignore[override]
         return None
+
+
+@register_estimator("vanilla", EstimatorOptions)
+def _build_vanilla(options: EstimatorOptions) -> VanillaEstimator:
+    return VanillaEstimator()

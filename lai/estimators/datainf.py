@@ -33,7 +33,8 @@ training samples' derivatives are taken in the context of their batch.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from lai.batching import Batch, logits_of, per_sample_loss
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.ghost import directional_derivatives
 from lai.estimators.lissa import total_validation_gradient
+from lai.estimators.registry import StaticOptions, register_estimator
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -288,3 +290,29 @@ def datainf_values(model: nn.Module, train_batches: Sequence[Batch],
     if not values:
         return torch.zeros(0)
     return torch.cat(values)
+
+
+@dataclass
+class DataInfOptions(StaticOptions):
+    """``estimator=datainf`` (runner=two_round)."""
+
+    name: str = "datainf"
+    damping: Optional[float] = None  # None: DataInf's rule per block
+    hessian_samples: int = 1000  # training samples the curvature is taken from
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.damping is not None and self.damping < 0:
+            raise ValueError("estimator.damping must be >= 0")
+        if self.hessian_samples < 1:
+            raise ValueError("estimator.hessian_samples must be >= 1")
+
+    def curvature_samples(self) -> int:
+        return self.hessian_samples
+
+    def keywords(self, seed: int, progress: bool, checkpoints: Any, info: dict) -> dict:
+        """The keywords of :func:`datainf_values` for a run."""
+        return {"damping": self.damping}
+
+
+register_estimator("datainf", DataInfOptions, kind="static")(datainf_values)

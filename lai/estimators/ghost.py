@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -63,6 +64,7 @@ from lai.estimators import ghost_probe
 from lai.estimators import forward_fastpaths
 from lai.estimators.forward_fastpaths import ForwardFastPaths
 from lai.estimators.custom_function_jvp import custom_function_jvps
+from lai.estimators.registry import OnlineOptions, register_estimator
 from lai.estimators.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
@@ -252,11 +254,21 @@ class GhostEstimator(OnlineEstimator):
         self._probe_tried = False  # the probe form was tried on validation rows (refresh)
         self._release_checked = False
 
+    supports_data_parallel = True  # the cache is g_V, a sum over validation rows
+
     @property
     def scores_after_backward(self) -> bool:
         """True when :meth:`score` must wait for the training backward (probe form); the
         trainer then sets ``capture.row_scale`` to the loss coefficient of each sample."""
         return self.active_mode == "probe"
+
+    def prepare_data_parallel(self) -> None:
+        """Nothing to change: ranks sum their validation gradients."""
+
+    def reduce_cache(self, sum_: Callable[[torch.Tensor], Any]) -> None:
+        """Sum the validation gradient (the tangents) over ranks."""
+        for t in self._tangents.values():
+            sum_(t)
 
     def plan(self, model: nn.Module, values_before_backward: bool) -> str:
         """Settle the form for training ``model`` (in the mode it will train in) and return it.
@@ -270,9 +282,10 @@ class GhostEstimator(OnlineEstimator):
             self.active_mode = "forward"
         elif self.mode == "probe":
             if values_before_backward:
-                raise ValueError("ghost mode=probe gives values only after the backward; a "
-                                 "policy that filters or reweights needs ghost mode=forward "
-                                 "(or auto)")
+                raise ValueError("estimator.ghost_mode=probe gives values only after the "
+                                 "backward: it needs trainer.strategy=one_pass and a policy "
+                                 "that keeps every sample (policy=score_only); use "
+                                 "ghost_mode=auto or forward to filter")
             self._probe_plan = _probe_plan_or_raise(model)
             self.active_mode = "probe"
         else:
@@ -525,3 +538,30 @@ def directional_derivatives(model: nn.Module, batch: Batch,
         with est.capture(model, batch) as cap:
             forward_logits(model, batch.inputs)
     return est.score(cap)
+
+
+@dataclass
+class GhostOptions(OnlineOptions):
+    """``estimator=ghost``: exact Ghost influence over every trainable parameter."""
+
+    name: str = "ghost"
+    # auto: the probe form when the policy keeps every sample and the model has no
+    # train-mode BatchNorm, else the forward form | forward | probe
+    ghost_mode: str = "auto"
+    release_tangents: bool = True  # forward form: free unreachable tangents (tangents.py)
+    forward_fastpaths: bool = True  # forward form: lean constant/BN/softmax tangents
+    chunk_size: int = 512  # validation rows per forward when g_V is built
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ghost_mode not in GHOST_MODES:
+            raise ValueError(f"estimator.ghost_mode={self.ghost_mode!r} is not one of: "
+                             f"{', '.join(GHOST_MODES)}")
+        if self.chunk_size < 1:
+            raise ValueError("estimator.chunk_size must be >= 1")
+
+
+@register_estimator("ghost", GhostOptions)
+def _build_ghost(o: GhostOptions) -> GhostEstimator:
+    return GhostEstimator(o.chunk_size, mode=o.ghost_mode, release_tangents=o.release_tangents,
+                          forward_fastpaths=o.forward_fastpaths)

@@ -47,7 +47,8 @@ so nothing changes.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ from lai.estimators.base import (OnlineEstimator, cross_entropy_gradient, label_
 from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
                                     output_layer_name, preserved_buffers, select_layers)
 from lai.estimators.offload import HostCache
+from lai.estimators.registry import OnlineOptions, register_estimator
 
 
 def align_rows(x: torch.Tensor, shape: torch.Size, target: torch.Size) -> torch.Tensor:
@@ -235,6 +237,26 @@ class LAIEstimator(OnlineEstimator):
         # logits are large (an LM's [B, T, vocab])
         self.score_blocks = 4
         self._host: HostCache | None = None  # with offload: serves device copies
+
+    supports_data_parallel = True  # the folded cache is a sum over validation rows
+
+    def check_model(self, model: nn.Module) -> None:
+        """The layer set and output layer exist in ``model`` (ValueError otherwise)."""
+        select_layers(model, self.layers, self.output_layer, self.layer_types)
+
+    def prepare_data_parallel(self) -> None:
+        """Ranks sum their folded caches: ``cache="auto"`` becomes ``folded``."""
+        if self.cache_mode == "pairwise":
+            raise ValueError("estimator.cache=pairwise cannot be summed over ranks: use folded")
+        self.cache_mode = "folded"
+
+    def reduce_cache(self, sum_: Callable[[torch.Tensor], Any]) -> None:
+        """Sum the folded cache over ranks (entries shared by several layers once)."""
+        if not self.folded:
+            raise RuntimeError("data-parallel LAI needs the folded cache (estimator.cache=folded)")
+        for t in {id(t): t for t in self.M.values()}.values():
+            sum_(t)
+        self._nhwc = {}  # channels-last copies of the old sums
 
     # ---- validation cache -------------------------------------------------------------
     def bind_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -539,3 +561,51 @@ class LAIEstimator(OnlineEstimator):
             v = _add(v, row_dot(self._flat_gradient(g).to(capture.acc_flat.dtype),
                                 capture.acc_flat[rows], parts))
         return g.new_zeros(g.shape[0]) if v is None else v
+
+
+_LAYER_SETS = ("all", "code", "lli")
+_CACHE_MODES = ("auto", "folded", "pairwise")
+
+
+@dataclass
+class LLIOptions(OnlineOptions):
+    """``estimator=lli``: the output layer's term of LAI only."""
+
+    name: str = "lli"
+    cache: str = "auto"  # auto | folded | pairwise (auto: folded when classes < |V|)
+    output_layer: Any = None  # module name of the output layer; None = the last nn.Linear
+    offload: bool = False  # cache in host memory, prefetched per layer (for CUDA)
+    chunk_size: int = 512  # validation rows per forward when the cache is built
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache not in _CACHE_MODES:
+            raise ValueError(f"estimator.cache={self.cache!r} is not one of: "
+                             f"{', '.join(_CACHE_MODES)}")
+        if self.chunk_size < 1:
+            raise ValueError("estimator.chunk_size must be >= 1")
+
+
+@dataclass
+class LAIOptions(LLIOptions):
+    """``estimator=lai`` (paper Eq. 4): every linear-in-its-input layer."""
+
+    name: str = "lai"
+    layers: Any = "all"  # all | code | lli, or a list of module names
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layers, str) and self.layers not in _LAYER_SETS:
+            raise ValueError(f"estimator.layers={self.layers!r} is not one of: "
+                             f"{', '.join(_LAYER_SETS)} (or a list of module names)")
+
+
+@register_estimator("lai", LAIOptions)
+def _build_lai(o: LAIOptions) -> LAIEstimator:
+    layers = o.layers if isinstance(o.layers, str) else list(o.layers)
+    return LAIEstimator(layers, o.output_layer, o.cache, o.chunk_size, offload=o.offload)
+
+
+@register_estimator("lli", LLIOptions)
+def _build_lli(o: LLIOptions) -> LAIEstimator:
+    return LAIEstimator("lli", o.output_layer, o.cache, o.chunk_size, offload=o.offload)

@@ -26,7 +26,8 @@ formed.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.capture import preserved_buffers
+from lai.estimators.registry import StaticOptions, register_estimator
 from lai.estimators.ghost import directional_derivatives, trainable_parameters, \
     validation_gradient
 
@@ -220,3 +222,38 @@ def lissa_values(model: nn.Module, train_batches: Sequence[Batch], val_batches: 
     if not values:
         return torch.zeros(0)
     return torch.cat(values)
+
+
+@dataclass
+class LissaOptions(StaticOptions):
+    """``estimator=lissa`` (runner=two_round)."""
+
+    name: str = "lissa"
+    damping: float = 0.01  # lambda of H + lambda I
+    lissa_scale: Optional[float] = None  # > the top eigenvalue of H + lambda I; None =
+    # 1.5 x (a power-iteration estimate + lambda)
+    lissa_depth: int = 100  # recursion steps
+    lissa_repeats: int = 1  # independent repeats, averaged
+    hessian_samples: int = 1000  # training samples the curvature is taken from
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.damping < 0:
+            raise ValueError("estimator.damping must be >= 0")
+        if not (self.lissa_depth >= 1 and self.lissa_repeats >= 1
+                and (self.lissa_scale is None or self.lissa_scale > 0)):
+            raise ValueError("estimator.lissa_depth/repeats/scale must be > 0")
+        if self.hessian_samples < 1:
+            raise ValueError("estimator.hessian_samples must be >= 1")
+
+    def curvature_samples(self) -> int:
+        return self.hessian_samples
+
+    def keywords(self, seed: int, progress: bool, checkpoints: Any, info: dict) -> dict:
+        """The keywords of :func:`lissa_values` for a run (its solve reported in ``info``)."""
+        return {"damping": self.damping, "scale": self.lissa_scale, "depth": self.lissa_depth,
+                "repeats": self.lissa_repeats, "seed": seed, "progress": progress,
+                "info": info}
+
+
+register_estimator("lissa", LissaOptions, kind="static")(lissa_values)

@@ -14,6 +14,7 @@ from torch import nn
 
 from lai.batching import Batch, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator
+from lai.estimators.registry import EstimatorOptions, register_estimator
 
 
 class _LossCapture:
@@ -49,3 +50,8 @@ class SPLEstimator(OnlineEstimator):
         if capture.logits is None:
             raise RuntimeError("no forward ran inside capture()")
         return -per_sample_loss(capture.logits.detach().float(), capture.labels)
+
+
+@register_estimator("spl", EstimatorOptions, policy="spl")  # keeps samples by loss
+def _build_spl(options: EstimatorOptions) -> SPLEstimator:
+    return SPLEstimator()

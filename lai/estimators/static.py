@@ -9,10 +9,13 @@ builds an N x P matrix of per-sample gradients. Values: positive = helps.
     datainf  v_j = sum_b g_{V,b}^T (H_b + lambda_b I)^{-1}_DataInf g_{j,b}
     trak     TRAK with the margin output function and a random projection
 
-``static_values`` is what the two-round runner and :func:`lai.value` call.
+``static_values`` is what the two-round runner and :func:`lai.value` call. Each method
+registers its values function and options dataclass in its own module.
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -20,8 +23,8 @@ from torch import nn
 
 from lai.batching import Batch
 from lai.estimators.ghost import directional_derivatives, trainable_parameters
-
-STATIC = ("ip", "lissa", "datainf", "trak")
+from lai.estimators.registry import (ESTIMATORS, StaticOptions, register_estimator,
+                                     static_names)
 
 
 def _validation_gradient(model: nn.Module, val_batches: Sequence[Batch]) -> list[torch.Tensor]:
@@ -35,37 +38,45 @@ def _validation_gradient(model: nn.Module, val_batches: Sequence[Batch]) -> list
 
 
 def ip_values(model: nn.Module, train_batches: Sequence[Batch],
-              val_batches: Sequence[Batch]) -> torch.Tensor:
-    """``[N]`` static IP (Hessian-free influence) values ``<g_V, g_j>`` on the current model."""
+              val_batches: Sequence[Batch], hessian_batches: Sequence[Batch] | None = None
+              ) -> torch.Tensor:
+    """``[N]`` static IP (Hessian-free influence) values ``<g_V, g_j>`` on the current model
+    (``hessian_batches`` unused: IP has no curvature)."""
     g_v = _validation_gradient(model, val_batches)
     return torch.cat([directional_derivatives(model, b, g_v) for b in train_batches])
+
+
+@dataclass
+class IPOptions(StaticOptions):
+    """``estimator=ip`` (runner=two_round): no options beyond the validation draw."""
+
+    name: str = "ip"
+
+
+register_estimator("ip", IPOptions, kind="static")(ip_values)
 
 
 def static_values(method: str, model: nn.Module, train_batches: Sequence[Batch],
                   val_batches: Sequence[Batch], hessian_batches: Sequence[Batch] | None = None,
                   **options: Any) -> torch.Tensor:
-    """``[N]`` values of the training samples in ``train_batches`` (in order) by ``method``.
+    """``[N]`` values of the training samples in ``train_batches`` (in order) by ``method``
+    (a static estimator of :data:`lai.estimators.registry.ESTIMATORS`).
 
     ``hessian_batches``: the data the curvature is estimated from (lissa, datainf); default
-    the training batches. ``options`` go to the method (see each module).
+    the training batches. ``options`` go to the method's values function (see its module;
+    each takes ``(model, train_batches, val_batches, hessian_batches, **options)``); one it
+    does not take is a TypeError.
     """
-    if method not in STATIC:
-        raise ValueError(f"unknown static estimator {method!r}; available: {', '.join(STATIC)}")
+    if method not in static_names():
+        raise ValueError(f"unknown static estimator {method!r}; available: "
+                         f"{', '.join(static_names())}")
     if not trainable_parameters(model):
         raise ValueError("the model has no trainable parameters")
     hessian_batches = list(hessian_batches) if hessian_batches is not None else list(train_batches)
-    if method == "ip":
-        if options:
-            raise TypeError(f"ip takes no options, got {sorted(options)}")
-        return ip_values(model, train_batches, val_batches)
-    if method == "lissa":
-        from lai.estimators.lissa import lissa_values
-
-        return lissa_values(model, train_batches, val_batches, hessian_batches, **options)
-    if method == "datainf":
-        from lai.estimators.datainf import datainf_values
-
-        return datainf_values(model, train_batches, val_batches, hessian_batches, **options)
-    from lai.estimators.trak import trak_values
-
-    return trak_values(model, train_batches, val_batches, **options)
+    values = ESTIMATORS.get(method).build
+    accepted = inspect.signature(values).parameters
+    unknown = sorted(k for k in options if k not in accepted or k in (
+        "model", "train_batches", "val_batches", "hessian_batches"))
+    if unknown:
+        raise TypeError(f"{method} takes no option(s) {', '.join(unknown)}")
+    return values(model, train_batches, val_batches, hessian_batches, **options)

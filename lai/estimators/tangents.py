@@ -36,7 +36,7 @@ finite, and a new view of it fails inside forward AD:
 :class:`~lai.estimators.ghost.GhostEstimator` checks the values at its first capture and
 names its ``release_tangents`` switch in both errors.
 
-Measured with :class:`lai.train.memory.PeakTensorMemory` on torchvision's ResNet-18 in train
+Measured with :class:`lai.bench.memory.PeakTensorMemory` on torchvision's ResNet-18 in train
 mode, batch 128 at 32x32, fp32, the forward's peak above its start: 203 MiB with neither,
 105 with (1), 80 with both (vanilla: 54; the peak is now the first BatchNorm's tangent
 formula, and the step's peak is the backward's, as in vanilla). Values and training

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from torch import nn
 from lai.batching import IGNORE_INDEX, Batch, forward_logits
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.datainf import per_sample_gradient_chunks, trainable_named_parameters
+from lai.estimators.registry import StaticOptions, register_estimator
 
 PROJ_BLOCK_ELEMS = 1 << 24  # entries of one generated block of P (64 MiB in float32)
 # P is kept between calls when it has at most this many entries (1 GiB in float32); larger
@@ -197,13 +199,14 @@ def _trak_single(model: nn.Module, train_batches: Sequence[Batch], val_batches: 
 
 
 def trak_values(model: nn.Module, train_batches: Sequence[Batch], val_batches: Sequence[Batch],
-                *, proj_dim: int = 2048, damping: float = 0.0,
-                checkpoints: Sequence[dict] | None = None, seed: int = 0, chunk_size: int = 64,
-                memory_budget_bytes: float | None = None) -> torch.Tensor:
+                hessian_batches: Sequence[Batch] | None = None, *, proj_dim: int = 2048,
+                damping: float = 0.0, checkpoints: Sequence[dict] | None = None, seed: int = 0,
+                chunk_size: int = 64, memory_budget_bytes: float | None = None) -> torch.Tensor:
     """``[N_train]`` TRAK values (positive = helps), in the order of ``train_batches``:
 
         v_j = (sum_{z in V} phi_z)^T (Phi^T Phi + damping I)^{-1} phi_j (1 - p_{y_j}),
 
+    (``hessian_batches`` unused: TRAK's curvature is its own ``Phi^T Phi``.)
     ``phi = P^T grad f`` with the margin ``f = log(p_y / (1 - p_y))`` and a seeded Gaussian
     projection ``P [num_params, proj_dim] / sqrt(proj_dim)`` (see the module docstring),
     averaged over ``checkpoints`` (state_dicts; default: the current model only).
@@ -256,3 +259,31 @@ def trak_values(model: nn.Module, train_batches: Sequence[Batch], val_batches: S
         return total / len(checkpoints)
     except torch.cuda.OutOfMemoryError as e:
         raise too_big("ran out of CUDA memory") from e
+
+
+@dataclass
+class TrakOptions(StaticOptions):
+    """``estimator=trak`` (runner=two_round)."""
+
+    name: str = "trak"
+    proj_dim: int = 2048  # random projection dimension
+    damping: float = 0.0  # lambda of Phi^T Phi + lambda I
+    trak_checkpoints: int = 1  # ensemble over this many round-1 checkpoints (last epochs)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.proj_dim < 1 or self.trak_checkpoints < 1:
+            raise ValueError("estimator.proj_dim and trak_checkpoints must be >= 1")
+        if self.damping < 0:
+            raise ValueError("estimator.damping must be >= 0")
+
+    def checkpoint_epochs(self) -> int:
+        return self.trak_checkpoints
+
+    def keywords(self, seed: int, progress: bool, checkpoints: Any, info: dict) -> dict:
+        """The keywords of :func:`trak_values` for a run."""
+        return {"proj_dim": self.proj_dim, "damping": self.damping, "seed": seed,
+                "checkpoints": checkpoints or None}
+
+
+register_estimator("trak", TrakOptions, kind="static")(trak_values)

@@ -5,7 +5,8 @@ Vision: torchvision ResNet-18 (:mod:`lai.models.resnet`). Text: Hugging Face BER
 (:mod:`lai.models.hf`). CPU demo/test models: :mod:`lai.models.small`. Transformers is
 imported only when a text model or a Hugging Face tokenizer is built.
 """
-from lai.models.registry import MODELS, ModelSpec, build_model, input_kind, output_layer_name
+from lai.estimators.capture import output_layer_name
+from lai.models.registry import MODELS, ModelSpec, build_model, input_kind
 from lai.models.resnet import resnet18
 from lai.models.small import MLP, SmallCNN, TinyTransformerClassifier
 from lai.models.tokenizers import ByteTokenizer, build_tokenizer, minilm_path

@@ -6,7 +6,6 @@ stops with a one-line message that names the models that do fit.
 """
 from __future__ import annotations
 
-from lai.estimators.capture import output_layer_name  # noqa: F401  (re-exported)
 
 import math
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from lai.models import hf
+from lai.models.hf import bert, gpt_neo
 from lai.models.resnet import resnet18
 from lai.models.small import MLP, SmallCNN, TinyTransformerClassifier
 
@@ -65,11 +64,11 @@ def _build_tiny_transformer(cfg, task, num_classes, input_shape, vocab_size, pad
 
 
 def _build_bert(cfg, task, num_classes, input_shape, vocab_size, pad_token_id):
-    return hf.bert(cfg, task, num_classes, vocab_size, pad_token_id)
+    return bert(cfg, task, num_classes, vocab_size, pad_token_id)
 
 
 def _build_gpt_neo(cfg, task, num_classes, input_shape, vocab_size, pad_token_id):
-    return hf.gpt_neo(cfg, task, num_classes, vocab_size, pad_token_id)
+    return gpt_neo(cfg, task, num_classes, vocab_size, pad_token_id)
 
 
 MODELS: dict[str, ModelSpec] = {

@@ -4,9 +4,9 @@ Sign convention: ``values`` are VALUES, positive = the sample helps. Every polic
 float32 ``[B]`` tensor on the device of ``values`` and never modifies ``values``. The trainer
 uses ``sum(w * loss) / sum(w)`` and skips the optimizer step when every weight is 0.
 
-The concrete policies live in one module each (``threshold``, ``percentile``, ``mean_std``,
-``reweight``, ``spl``); :func:`build_policy` / :func:`build_policy_from_config` are in
-``lai.policies.factory`` and re-exported here and from ``lai.policies``.
+The concrete policies live in one module each, which registers the policy with its typed
+options dataclass in :data:`lai.policies.registry.POLICIES` (the single source of policy
+names); :func:`lai.policies.build_policy` builds one by name.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ class Policy(ABC):
     ``start_epoch``: warm-up; before this (0-based) epoch every sample gets weight 1, the
     runner does not score at all, and :meth:`weights` is not called (no state changes).
 
-    Subclasses set ``name`` (the config name) and ``params`` (the ``PolicyConfig`` fields
-    their constructor takes besides ``start_epoch``) and implement :meth:`weights`.
+    Subclasses set ``name`` (the config name) and implement :meth:`weights`; registering
+    them (:func:`lai.policies.registry.register_policy`) sets ``params``, the fields of
+    their options dataclass that the constructor takes besides ``start_epoch``.
     """
 
     name: ClassVar[str] = ""
@@ -107,26 +108,3 @@ def check_real(name: str, x: Any) -> float:
     if not math.isfinite(f):
         raise ValueError(f"policy.{name} must be finite, got {x!r}")
     return f
-
-
-# ---- backwards compatibility: the factory and ThresholdPolicy used to live here ----------
-def build_policy(name: str, **kwargs: Any) -> Policy:
-    """See :func:`lai.policies.factory.build_policy`."""
-    from lai.policies.factory import build_policy as _build
-
-    return _build(name, **kwargs)
-
-
-def build_policy_from_config(cfg: Any) -> Policy:
-    """See :func:`lai.policies.factory.build_policy_from_config`."""
-    from lai.policies.factory import build_policy_from_config as _build
-
-    return _build(cfg)
-
-
-def __getattr__(attr: str) -> Any:  # ``from lai.policies.base import ThresholdPolicy``
-    if attr == "ThresholdPolicy":
-        from lai.policies.threshold import ThresholdPolicy
-
-        return ThresholdPolicy
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

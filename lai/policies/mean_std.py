@@ -1,9 +1,12 @@
 """``mean_std``: drop the samples far below the batch mean (weights 0/1)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lai.policies.base import Policy, as_float, check_real
+from lai.policies.registry import PolicyOptions, register_policy
 
 
 class MeanStdPolicy(Policy):
@@ -16,7 +19,6 @@ class MeanStdPolicy(Policy):
     """
 
     name = "mean_std"
-    params = ("k",)
     may_drop_all = False  # the threshold is capped at the batch maximum
 
     def __init__(self, k: float = 1.0, start_epoch: int = 0):
@@ -31,3 +33,14 @@ class MeanStdPolicy(Policy):
         thr = v.mean() - self.k * v.std(correction=0)
         thr = torch.minimum(thr, v.max())
         return (v >= thr).float()
+
+
+@dataclass
+class MeanStdOptions(PolicyOptions):
+    """``policy=mean_std``."""
+
+    name: str = "mean_std"
+    k: float = 1.0  # drop values below mean - k * std of the batch; k >= 0
+
+
+register_policy(MeanStdPolicy, MeanStdOptions)

@@ -1,11 +1,14 @@
 """``percentile``: keep the top ``keep_fraction`` of each batch by value (weights 0/1)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 
 from lai.policies.base import Policy, check_real
+from lai.policies.registry import PolicyOptions, register_policy
 
 
 def keep_count(keep_fraction: float, batch_size: int) -> int:
@@ -25,7 +28,6 @@ class PercentilePolicy(Policy):
     """
 
     name = "percentile"
-    params = ("keep_fraction",)
     may_drop_all = False  # keeps ceil(q * B) >= 1
 
     def __init__(self, keep_fraction: float = 0.5, start_epoch: int = 0):
@@ -48,3 +50,14 @@ class PercentilePolicy(Policy):
         order = torch.sort(values.detach(), descending=True, stable=True).indices
         w[order[:n]] = 1.0
         return w
+
+
+@dataclass
+class PercentileOptions(PolicyOptions):
+    """``policy=percentile``."""
+
+    name: str = "percentile"
+    keep_fraction: float = 0.5  # keep the top q of each batch, q in (0, 1]
+
+
+register_policy(PercentilePolicy, PercentileOptions)

@@ -12,12 +12,15 @@ the same samples.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 from typing import Any, Optional, Sequence
 
 import torch
 
 from lai.policies.base import Policy, check_real
+from lai.policies.registry import PolicyOptions, register_policy
 
 # a fixed offset keeps the control's stream apart from the data-order and model-init streams
 _STREAM = 0x5EED_D809
@@ -34,7 +37,6 @@ class RandomDropPolicy(Policy):
     """
 
     name = "random"
-    params = ("keep_fraction", "match")
     needs_values = False
 
     def __init__(self, keep_fraction: float = 0.5, match: Optional[str] = None,
@@ -122,3 +124,16 @@ def _fraction(name: str, x: object, allow_zero: bool = False) -> float:
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"policy.{name} must be in {interval}, got {x!r}")
     return f
+
+
+@dataclass
+class RandomOptions(PolicyOptions):
+    """``policy=random``."""
+
+    name: str = "random"
+    keep_fraction: float = 0.5  # keep each sample with this probability (unless match)
+    match: Optional[str] = None  # keep the kept fraction per epoch of this run (a run
+    # folder, or a method name looked up in results_dir with the same config)
+
+
+register_policy(RandomDropPolicy, RandomOptions)

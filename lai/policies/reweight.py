@@ -1,9 +1,12 @@
 """``reweight``: soft weights from values instead of dropping samples."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lai.policies.base import Policy, as_float, check_real
+from lai.policies.registry import PolicyOptions, register_policy
 
 
 class ReweightPolicy(Policy):
@@ -20,7 +23,6 @@ class ReweightPolicy(Policy):
     """
 
     name = "reweight"
-    params = ("temperature",)
     may_drop_all = False  # the largest softmax weight is >= 1/B: never all zero
     eps = 1e-12
 
@@ -36,3 +38,14 @@ class ReweightPolicy(Policy):
         scale = self.temperature * v.std(correction=0) + self.eps
         z = (v - v.mean()) / scale
         return torch.softmax(z, dim=0) * v.shape[0]
+
+
+@dataclass
+class ReweightOptions(PolicyOptions):
+    """``policy=reweight``."""
+
+    name: str = "reweight"
+    temperature: float = 1.0  # softmax temperature in units of the batch's std; > 0
+
+
+register_policy(ReweightPolicy, ReweightOptions)

@@ -1,11 +1,14 @@
 """``spl``: Self-Paced Learning (Kumar et al. 2010) as a policy (weights 0/1)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Optional
 
 import torch
 
 from lai.policies.base import Policy, as_float, check_real
+from lai.policies.registry import PolicyOptions, register_policy
 
 
 class SPLPolicy(Policy):
@@ -22,7 +25,6 @@ class SPLPolicy(Policy):
     """
 
     name = "spl"
-    params = ("spl_start_fraction", "spl_lambda", "spl_growth")
 
     def __init__(self, spl_start_fraction: float = 0.5, spl_lambda: Optional[float] = None,
                  spl_growth: float = 1.1, start_epoch: int = 0):
@@ -69,3 +71,16 @@ class SPLPolicy(Policy):
             self._last_epoch = epoch
         lam = self._lambda0.to(device=losses.device, dtype=losses.dtype)
         return (losses < lam * self.spl_growth ** self._growths).float()
+
+
+@dataclass
+class SPLOptions(PolicyOptions):
+    """``policy=spl``."""
+
+    name: str = "spl"
+    spl_start_fraction: float = 0.5  # initial lambda = this quantile of the first losses
+    spl_lambda: Optional[float] = None  # initial lambda (loss threshold); None = quantile
+    spl_growth: float = 1.1  # lambda multiplied by this every epoch; >= 1
+
+
+register_policy(SPLPolicy, SPLOptions, estimator="spl")  # SPL's value is -loss

@@ -1,18 +1,20 @@
 """``threshold``: keep the samples whose value is at least a fixed threshold (weights 0/1)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 
 from lai.policies.base import Policy
+from lai.policies.registry import PolicyOptions, register_policy
 
 
 class ThresholdPolicy(Policy):
     """Keep samples whose value is ``>= threshold`` (default 0: drop the harmful ones)."""
 
     name = "threshold"
-    params = ("threshold",)
 
     def __init__(self, threshold: float = 0.0, start_epoch: int = 0):
         super().__init__(start_epoch)
@@ -31,3 +33,14 @@ class ThresholdPolicy(Policy):
 
     def weights(self, values: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         return (values >= self.threshold).float()
+
+
+@dataclass
+class ThresholdOptions(PolicyOptions):
+    """``policy=threshold``."""
+
+    name: str = "threshold"
+    threshold: float = 0.0  # keep samples with value >= threshold
+
+
+register_policy(ThresholdPolicy, ThresholdOptions)

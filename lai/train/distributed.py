@@ -80,23 +80,10 @@ def init_from_env(device: torch.device) -> Dist:
 
 
 def reduce_cache(estimator: Any, d: Dist) -> None:
-    """Sum the validation cache over ranks (each rank built it from its validation share)."""
-    if not d.enabled:
-        return
-    from lai.estimators.ghost import GhostEstimator
-    from lai.estimators.lai import LAIEstimator
-
-    if isinstance(estimator, LAIEstimator):
-        if not estimator.folded:
-            raise RuntimeError("data-parallel LAI needs the folded cache (estimator.cache=folded)")
-        for t in {id(t): t for t in estimator.M.values()}.values():  # shared entries once
-            d.sum_(t)
-        estimator._nhwc = {}
-    elif isinstance(estimator, GhostEstimator):
-        for t in estimator._tangents.values():
-            d.sum_(t)
-    else:
-        raise RuntimeError(f"estimator {type(estimator).__name__} has no data-parallel cache")
+    """Sum the validation cache over ranks (each rank built it from its validation share):
+    the estimator's :meth:`~lai.estimators.base.OnlineEstimator.reduce_cache`."""
+    if d.enabled:
+        estimator.reduce_cache(d.sum_)
 
 
 def sum_gradients(model: torch.nn.Module, d: Dist) -> None:

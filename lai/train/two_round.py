@@ -33,6 +33,7 @@ from torch import nn
 from lai.batching import Batch
 from lai.data.base import DataBundle, TensorSplit
 from lai.estimators.base import VanillaEstimator
+from lai.estimators.registry import estimator_options
 from lai.estimators.static import static_values
 from lai.policies.threshold import ThresholdPolicy
 from lai.train.loop import Trainer
@@ -51,20 +52,11 @@ def _batches(split: TensorSplit, rows: torch.Tensor, data: DataBundle, device: t
 
 
 def static_options(cfg: DictConfig, checkpoints: list[dict], info: dict | None = None) -> dict:
-    """The keyword options of the configured static estimator (LiSSA also reports into
-    ``info``: its scale, steps and residual)."""
-    e = cfg.estimator
-    if e.name == "lissa":
-        return {"damping": 0.01 if e.damping is None else e.damping, "scale": e.lissa_scale,
-                "depth": e.lissa_depth, "repeats": e.lissa_repeats, "seed": cfg.seed,
-                "progress": bool(cfg.trainer.get("progress", False)),
-                "info": {} if info is None else info}
-    if e.name == "datainf":
-        return {"damping": e.damping}
-    if e.name == "trak":
-        return {"proj_dim": e.proj_dim, "damping": e.damping or 0.0, "seed": cfg.seed,
-                "checkpoints": checkpoints or None}
-    return {}
+    """The keywords of the configured static estimator's values function (LiSSA also reports
+    into ``info``: its scale, steps and residual)."""
+    return estimator_options(cfg.estimator).keywords(
+        seed=cfg.seed, progress=bool(cfg.trainer.progress), checkpoints=checkpoints,
+        info={} if info is None else info)
 
 
 def round1_path(cfg: DictConfig, ckpt_epochs: set[int]) -> Path:
@@ -114,7 +106,8 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
     """Round 1 (trained, or loaded from the store), static scoring, removal, round 2;
     returns the summary fields."""
     tcfg = cfg.trainer
-    keep_ckpt = cfg.estimator.trak_checkpoints if cfg.estimator.name == "trak" else 0
+    opts = estimator_options(cfg.estimator)
+    keep_ckpt = opts.checkpoint_epochs()
     ckpt_epochs = set(range(max(0, tcfg.epochs - keep_ckpt), tcfg.epochs))
 
     model, checkpoints, s1, reused = _round1(cfg, data, make_model, device, recorder,
@@ -124,11 +117,11 @@ def run_two_round(cfg: DictConfig, data: DataBundle, make_model: Callable[[], nn
     model.eval()
     n = len(data.train)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
-    n_val = max(1, int(round(cfg.estimator.val_fraction * len(data.val))))
-    if cfg.estimator.val_max is not None:
-        n_val = min(n_val, int(cfg.estimator.val_max))
+    n_val = max(1, int(round(opts.val_fraction * len(data.val))))
+    if opts.val_max is not None:
+        n_val = min(n_val, int(opts.val_max))
     val_rows = torch.randperm(len(data.val), generator=gen)[:n_val]
-    hess_rows = torch.randperm(n, generator=gen)[:min(n, cfg.estimator.hessian_samples)]
+    hess_rows = torch.randperm(n, generator=gen)[:min(n, opts.curvature_samples())]
     size = tcfg.eval_batch_size
     solver: dict = {}  # what the estimator reports about its solve (LiSSA's residual)
     values = static_values(

@@ -83,7 +83,7 @@ def test_plan_picks_the_form():
     assert est.plan(CNN().eval(), values_before_backward=False) == "probe"
     assert est.plan(PaddedTransformer(), values_before_backward=False) == "forward"  # free pos
     assert GhostEstimator(mode="forward").plan(MLP(), False) == "forward"
-    with pytest.raises(ValueError, match="filters or reweights"):
+    with pytest.raises(ValueError, match="a policy that keeps every sample"):
         GhostEstimator(mode="probe").plan(MLP(), values_before_backward=True)
     with pytest.raises(ValueError, match="PaddedTransformer"):
         GhostEstimator(mode="probe").plan(PaddedTransformer(), values_before_backward=False)
@@ -142,7 +142,7 @@ def test_steps_do_not_keep_their_graphs_alive():
     import gc
 
     from lai.batching import forward_logits, per_sample_loss
-    from lai.train.memory import PeakTensorMemory
+    from lai.bench.memory import PeakTensorMemory
 
     model = MLP(d_in=64, hidden=256)
     est = GhostEstimator(mode="probe")

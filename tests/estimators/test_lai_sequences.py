@@ -145,7 +145,7 @@ def test_lm_output_layer_term_from_the_gradient_side():
     values as the accumulator path and as brute force, and a lower peak of live tensors."""
     from lai.batching import as_batch
     from lai.estimators.lai import LAIEstimator
-    from lai.train.memory import PeakTensorMemory
+    from lai.bench.memory import PeakTensorMemory
 
     cfg = transformers.GPTNeoConfig(vocab_size=400, hidden_size=8, num_layers=1, num_heads=2,
                                     attention_types=[[["global"], 1]], max_position_embeddings=32,
@@ -211,7 +211,7 @@ def test_scoring_an_lm_never_holds_a_whole_vocabulary_sized_gradient():
     language model). The values are brute force's, with any number of row blocks."""
     from lai.batching import as_batch
     from lai.estimators.lai import LAIEstimator
-    from lai.train.memory import PeakTensorMemory
+    from lai.bench.memory import PeakTensorMemory
 
     vocab, b, t = 2500, 4, 8  # B T K = 80,000 elements: above row_dot's single-block size
     model = tiny_lm(vocab)

@@ -16,7 +16,7 @@ from lai.batching import Batch, as_batch, forward_logits, per_sample_loss
 from lai.estimators import ghost
 from lai.estimators.ghost import GhostEstimator
 from lai.estimators.tangents import TangentRelease
-from lai.train.memory import PeakTensorMemory
+from lai.bench.memory import PeakTensorMemory
 from tests.estimators.nets import lm_batch, tiny_bert_classifier, tiny_lm, token_batch
 
 

@@ -9,8 +9,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import lai.policies.base as base_mod
-from lai.config import PolicyConfig
 from lai.policies import (POLICIES, MeanStdPolicy, PercentilePolicy, Policy, RandomDropPolicy,
                           ReweightPolicy, SPLPolicy, ThresholdPolicy, build_policy,
                           build_policy_from_config)
@@ -204,17 +202,18 @@ def test_bad_parameters_raise(cls, kwargs):
 
 
 # ---- factory ----------------------------------------------------------------------------
-def test_build_policy_names_and_old_signature():
-    assert set(POLICIES) == {"threshold", "percentile", "mean_std", "reweight", "spl",
-                             "score_only", "random"}
+def test_build_policy_names_and_typed_options():
+    assert set(POLICIES.names()) == {"threshold", "percentile", "mean_std", "reweight", "spl",
+                                     "score_only", "random"}
     p = build_policy("threshold", threshold=0.5, start_epoch=2)
     assert isinstance(p, ThresholdPolicy) and (p.threshold, p.start_epoch) == (0.5, 2)
-    # the runner passes threshold to every policy: irrelevant fields are ignored
-    p = build_policy("percentile", threshold=0.5, start_epoch=1, keep_fraction=0.25)
+    p = build_policy("percentile", start_epoch=1, keep_fraction=0.25)
     assert isinstance(p, PercentilePolicy) and (p.keep_fraction, p.start_epoch) == (0.25, 1)
-    assert isinstance(base_mod.build_policy("spl", spl_growth=1.2), SPLPolicy)
-    assert base_mod.ThresholdPolicy is ThresholdPolicy
-    with pytest.raises(ValueError, match="available: threshold, percentile, mean_std"):
+    assert isinstance(build_policy("spl", spl_growth=1.2), SPLPolicy)
+    # an option of another policy is an error, not ignored
+    with pytest.raises(TypeError, match="policy 'percentile' has no option.s. threshold"):
+        build_policy("percentile", threshold=0.5)
+    with pytest.raises(ValueError, match="unknown policy 'nope'; known: .*threshold"):
         build_policy("nope")
     with pytest.raises(TypeError, match="keep_fracton"):
         build_policy("percentile", keep_fracton=0.3)
@@ -234,19 +233,21 @@ def test_which_policies_keep_every_sample_unweighted():
             assert torch.equal(p.select(v, 0, 0), torch.ones(3)), (name, kw)
 
 
-def test_constructor_defaults_match_policy_config():
-    cfg = PolicyConfig()
+def test_constructor_defaults_match_the_options_dataclasses():
     for cls in ALL:
-        p = cls()
+        entry = POLICIES.get(cls.name)
+        opts, p = entry.options(name=cls.name), cls()
+        assert cls.params == tuple(f.name for f in fields(opts)
+                                   if f.name not in ("name", "start_epoch"))
         for name in (*cls.params, "start_epoch"):
-            assert getattr(p, name) == getattr(cfg, name), (cls.__name__, name)
-    config_fields = {f.name for f in fields(PolicyConfig)} - {"name"}
-    assert {q for c in ALL for q in c.params} | {"start_epoch"} == config_fields
+            assert getattr(p, name) == getattr(opts, name), (cls.__name__, name)
 
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_build_policy_from_every_yaml(path):
-    cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(path))
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    cfg = OmegaConf.merge(OmegaConf.structured(POLICIES.get(path.stem).options), node)
     p = build_policy_from_config(cfg)
     assert isinstance(p, Policy) and p.name == cfg.name == path.stem
     assert p.start_epoch == cfg.start_epoch
@@ -258,15 +259,18 @@ def test_build_policy_from_every_yaml(path):
     assert torch.all(w >= 0) and w.sum() > 0
 
 
-def test_build_policy_from_config_dataclass_overrides():
-    p = build_policy_from_config(PolicyConfig(name="reweight", temperature=2.0, start_epoch=3))
+def test_build_policy_from_options_and_mappings():
+    from lai.policies.reweight import ReweightOptions
+    from lai.policies.spl import SPLOptions
+
+    p = build_policy_from_config(ReweightOptions(temperature=2.0, start_epoch=3))
     assert isinstance(p, ReweightPolicy) and (p.temperature, p.start_epoch) == (2.0, 3)
-    p = build_policy_from_config(PolicyConfig(name="spl", spl_lambda=0.7, spl_growth=1.3))
+    p = build_policy_from_config(SPLOptions(spl_lambda=0.7, spl_growth=1.3))
     assert (p.spl_lambda, p.spl_growth, p.current_lambda) == (0.7, 1.3, 0.7)
     with pytest.raises(ValueError, match="keep_fraction"):
-        build_policy_from_config(PolicyConfig(name="percentile", keep_fraction=2.0))
+        build_policy_from_config({"name": "percentile", "keep_fraction": 2.0})
     with pytest.raises(ValueError, match="unknown policy"):
-        build_policy_from_config(PolicyConfig(name="bogus"))
+        build_policy_from_config({"name": "bogus"})
 
 
 # ---- what the trainer may assume without reading the weights back ------------------------

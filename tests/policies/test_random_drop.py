@@ -68,7 +68,7 @@ def test_folder_names():
 
 
 def test_match_on_another_policy_is_a_config_error():
-    with pytest.raises(ConfigError, match="policy.match applies to policy=random"):
+    with pytest.raises(ConfigError, match="policy 'threshold' has no option.s. match"):
         validate(compose_cfg("policy=threshold", "+policy.match=lai"))
     with pytest.raises(ConfigError, match="keep_fraction"):
         validate(compose_cfg("estimator=vanilla", "policy=random", "policy.keep_fraction=0"))

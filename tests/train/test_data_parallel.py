@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lai.data import build_data
-from lai.estimators.registry import build_estimator
+from lai.estimators.registry import build_estimator, estimator_options
 from lai.models import build_model
 from lai.policies import build_policy_from_config
 from lai.train.loop import Trainer
@@ -27,7 +27,8 @@ def _train(cfg) -> dict:
     data = build_data(cfg.dataset, data_dir="/nonexistent", seed=cfg.seed)
     model = build_model(cfg.model, task=data.task, num_classes=data.num_classes,
                         input_shape=tuple(data.train.inputs.shape[1:]))
-    est = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers, cache="folded")
+    est = build_estimator(estimator_options(cfg.estimator))
+    est.prepare_data_parallel()  # LAI: the folded cache, a sum over validation rows
     trainer = Trainer(model, data, est, build_policy_from_config(cfg.policy), cfg.trainer,
                       cfg.estimator, torch.device("cpu"), NullRecorder(), seed=cfg.seed)
     summary = trainer.fit()

@@ -41,16 +41,17 @@ def test_trainer_score_only_uses_the_probe_form_with_forward_mode_values(tiny_ov
     np.testing.assert_allclose(va, vf, rtol=1e-4, atol=1e-6 * np.abs(vf).max())
 
 
-def test_probe_mode_with_a_filtering_policy_is_a_config_error(tiny_overrides):
-    from lai.config import ConfigError, validate
+def test_probe_mode_with_a_filtering_policy_is_a_config_error(tiny_overrides, tmp_path):
+    from lai.config import ConfigError
+    from lai.train.runner import run_experiment
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg("dataset=digits_n", "estimator=ghost", "estimator.ghost_mode=probe",
-                      "policy=threshold", *tiny_overrides)
-    with pytest.raises(ConfigError, match="ghost_mode=probe"):
-        validate(cfg)
-    validate(compose_cfg("dataset=digits_n", "estimator=ghost", "estimator.ghost_mode=probe",
-                         "policy=score_only", *tiny_overrides))
+    for extra in (("policy=threshold",), ("policy=score_only", "trainer.strategy=two_pass")):
+        cfg = compose_cfg("dataset=digits_n", "estimator=ghost", "estimator.ghost_mode=probe",
+                          *extra, *tiny_overrides, f"results_dir={tmp_path}")
+        with pytest.raises(ConfigError, match="ghost_mode=probe gives values only after"):
+            run_experiment(cfg)
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made
 
 
 def test_bf16_probe_form_follows_fp32(tiny_overrides):

@@ -12,16 +12,16 @@ import torch
 import lai.train.loop as loop_mod
 
 from lai import value
-from lai.config import EstimatorConfig, TrainerConfig
+from lai.config import TrainerConfig
 from lai.data.base import DataBundle, TensorSplit
 from lai.data.vision import CifarPreprocess
-from lai.estimators.registry import build_estimator
+from lai.estimators.registry import build_estimator, estimator_options
 from lai.models.small import SmallCNN
 from lai.policies import build_policy
 from lai.train import loop as loop_mod
 from lai.train.loop import Trainer
 from lai.train.runner import run_experiment
-from lai.train.syncs import DeviceWork
+from lai.bench.syncs import DeviceWork
 from tests.conftest import compose_cfg
 from tests.estimators.nets import CNN
 
@@ -50,7 +50,7 @@ def cifar_trainer(est: str, policy: str, strategy: str = "one_pass", **tcfg) -> 
     tr = Trainer(SmallCNN(4, width=4), data, build_estimator(est), pol,
                  TrainerConfig(batch_size=16, optimizer="sgd", lr=1e-2, progress=False,
                                strategy=strategy, **tcfg),
-                 EstimatorConfig(name=est, val_fraction=1.0), torch.device("cpu"),
+                 estimator_options(est, val_fraction=1.0), torch.device("cpu"),
                  _NullRecorder())
     tr.setup(100)
     return tr
@@ -60,9 +60,9 @@ def _syncs_of_a_step(tr: Trainer) -> dict:
     if tr.scoring:
         tr._refresh()
     batch = tr.data.train.gather(torch.arange(16))
-    tr._step(batch, 0, 0)  # warm
+    tr.train_step(batch, 0, 0)  # warm
     with DeviceWork() as work:
-        tr._step(batch, 0, 1)
+        tr.train_step(batch, 0, 1)
     return dict(work.syncs)
 
 
@@ -84,7 +84,7 @@ def test_flush_reads_the_pending_steps_back_once_per_interval():
     tr = cifar_trainer("lai", "percentile")
     tr._refresh()
     for i in range(3):
-        tr._step(tr.data.train.gather(torch.arange(16 * i, 16 * (i + 1))), 0, i)
+        tr.train_step(tr.data.train.gather(torch.arange(16 * i, 16 * (i + 1))), 0, i)
     stats = loop_mod.EpochStats()
     tr._flush(0, 3, stats)
     assert (stats.steps, stats.seen, stats.kept) == (3, 48, 24)
@@ -195,9 +195,9 @@ def test_lai_reads_channels_last_layer_inputs_without_copying_them():
         if est == "lai":
             tr._refresh()
         batch = tr.data.train.gather(torch.arange(16))
-        tr._step(batch, 0, 0)
+        tr.train_step(batch, 0, 0)
         with DeviceWork(trace=True) as work:
-            tr._step(batch, 0, 1)
+            tr.train_step(batch, 0, 1)
         copies[est] = work.trace["clone"] + work.trace["copy_"] + work.trace["_to_copy"]
     assert copies["lai"] <= copies["vanilla"] + 1  # + the policy's mask cast, at most
 
@@ -247,7 +247,7 @@ def test_two_pass_frees_the_scoring_logits_before_the_second_pass(est, monkeypat
         lambda mod, args: alive_in_second_pass.append(scored[0]() is not None)
         if scored else None)
     try:
-        tr._step(tr.data.train.gather(torch.arange(16)), 0, 0)
+        tr.train_step(tr.data.train.gather(torch.arange(16)), 0, 0)
     finally:
         hook.remove()
     # the hook ran twice: the scoring forward (nothing scored yet: not recorded) and the
@@ -262,7 +262,7 @@ def test_steps_run_in_train_mode_after_evaluation_and_refresh(monkeypatch):
     from lai.train.evaluate import evaluate
 
     tr = cifar_trainer("lai", "percentile")
-    tr.ecfg.val_mode = "eval"
+    assert tr.curator.val_mode == "eval"
     walks = []
     orig = type(tr.model).train
     monkeypatch.setattr(type(tr.model), "train",
@@ -271,13 +271,13 @@ def test_steps_run_in_train_mode_after_evaluation_and_refresh(monkeypatch):
     tr._refresh()
     tr.model.eval()
     walks.clear()
-    tr._step(batch, 0, 0)
+    tr.train_step(batch, 0, 0)
     assert walks == [True] and all(m.training for m in tr.model.modules())
-    tr._step(batch, 0, 1)
+    tr.train_step(batch, 0, 1)
     assert walks == [True]  # already in train mode: no walk
     tr._refresh()  # eval-mode refresh: switched and restored
     evaluate(tr.model, tr.data.test, tr.data, tr.device, 8)
     walks.clear()
-    tr._step(batch, 0, 2)
+    tr.train_step(batch, 0, 2)
     assert all(m.training for m in tr.model.modules())
     assert walks == []  # both restored train mode for the whole model on their own
