@@ -2,10 +2,10 @@
 
     python run.py estimator=lai dataset=cifar10n_worst data_dir=../shared/data
     python run.py --multirun estimator=vanilla,lai,lli dataset=digits_n seed=0,1
+    LAI_PLUGINS=my_package.my_estimator python run.py estimator=mine   (docs/extending.md)
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
@@ -13,10 +13,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lai.config import ConfigError, register_configs
-from lai.errors import MissingResourceError, TrainingDivergedError
-from lai.train.records import RunInUseError
+from lai.cli import is_rank_zero, run_and_report, summary_line
+from lai.config import register_configs
+from lai.plugins import load_plugins
 
+try:
+    load_plugins()  # $LAI_PLUGINS and the lai.plugins entry points: before the config store
+except ImportError as e:
+    sys.exit(f"error: {e}")
 register_configs()
 
 
@@ -29,32 +33,14 @@ def _in_sweep() -> bool:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from lai.train.runner import run_experiment
-
-    try:
-        summary = run_experiment(cfg)
-    except (ConfigError, MissingResourceError, MemoryError, RunInUseError,
-            TrainingDivergedError) as e:
-        # MemoryError: e.g. TRAK's up-front estimate; the run folder says "failed"
-        kind = "out of memory: " if isinstance(e, MemoryError) else ""
-        print(f"error: {kind}{e}", file=sys.stderr)
-        if _in_sweep():  # one bad job must not end a sweep; its record says why
-            return None
-        sys.exit(3 if isinstance(e, MemoryError) else 4 if isinstance(e, TrainingDivergedError)
-                 else 2)
-    except Exception as e:  # noqa: BLE001 - in a sweep, record and go on with the next job
-        if not _in_sweep():
-            raise
-        print(f"error: run failed ({type(e).__name__}: {e}); see its summary.json",
-              file=sys.stderr)
-        return None
-    line = (f"[{summary['dataset']} / {summary['estimator']} / seed {summary['seed']}] "
-            f"test acc {summary['final_test_acc']:.4f}  kept {summary['kept_fraction']:.3f}  "
-            f"val loss {summary['final_val_loss']:.4f}  {summary['wall_time_s']:.1f}s  "
-            f"-> {summary['run_dir']}")
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, from rank 0
-        print(line)
-    return summary
+    summary, status = run_and_report(cfg, in_sweep=_in_sweep())
+    if summary is not None:
+        if is_rank_zero():  # torchrun: one line, from rank 0
+            print(summary_line(summary))
+        return summary
+    if status >= 128 or not _in_sweep():  # one bad job must not end a sweep; a signal does
+        sys.exit(status)
+    return None
 
 
 if __name__ == "__main__":

@@ -71,11 +71,11 @@ def tiny_overrides(tmp_path) -> list[str]:
 
 
 def crash_in_epoch(monkeypatch, epoch: int = 1, after: int = 3) -> Callable[[], None]:
-    """Make ``Trainer._step`` raise ``RuntimeError("injected crash")`` at the ``after``-th
+    """Make ``Trainer.train_step`` raise ``RuntimeError("injected crash")`` at the ``after``-th
     step of ``epoch`` (0-based); returns a function that puts the real step back."""
     import lai.train.loop as loop_mod
 
-    orig, calls = loop_mod.Trainer._step, []
+    orig, calls = loop_mod.Trainer.train_step, []
 
     def step(self, raw, ep, i):
         if ep == epoch and len(calls) == after:
@@ -84,5 +84,5 @@ def crash_in_epoch(monkeypatch, epoch: int = 1, after: int = 3) -> Callable[[], 
             calls.append(i)
         return orig(self, raw, ep, i)
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", step)
-    return lambda: monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", step)
+    return lambda: monkeypatch.setattr(loop_mod.Trainer, "train_step", orig)

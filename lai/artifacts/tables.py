@@ -218,7 +218,7 @@ def table4(results: Path) -> tuple[Table, pd.DataFrame]:
              "all-MiniLM-L6 shape), so their GFLOP are not comparable with the paper's. The "
              "Setting column gives the parameter count of the model that ran.",
              "Peak memory: the CUDA allocator's peak on a GPU; on a CPU the peak of live tensor "
-             "storage (lai.train.memory.PeakTensorMemory: no allocator rounding, caching or "
+             "storage (lai.bench.memory.PeakTensorMemory: no allocator rounding, caching or "
              "kernel workspaces), everything alive at the step's start included.",
              "Ghost runs score-only here (every sample kept): its probe form (values from the "
              "training backward) where that is exact per sample, its forward-mode form on "

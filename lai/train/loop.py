@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.curate import Curator
-from lai.config import EstimatorConfig, TrainerConfig
+from lai.config import TrainerConfig
+from lai.estimators.registry import estimator_options
 from lai.data.base import DataBundle
 from lai.estimators.base import OnlineEstimator, VanillaEstimator
 from lai.policies.base import Policy
@@ -53,7 +54,9 @@ from lai.train.accel import (autocast_context, compiled, to_channels_last,
 from lai.train.evaluate import evaluate
 from lai.train.noisy import detection_metrics
 from lai.train.optim import build_optimizer, build_scheduler
-from lai.errors import TrainingDivergedError
+from lai.errors import RunInterrupted, TrainingDivergedError
+from lai.train.loop_state import EpochPosition, LoopState, summary_of
+from lai.train.stop import StopSignals
 from lai.train.records import RunRecorder, _jsonable
 
 
@@ -144,21 +147,24 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, data: DataBundle, estimator: OnlineEstimator,
-                 policy: Policy, trainer_cfg: TrainerConfig, estimator_cfg: EstimatorConfig,
+                 policy: Policy, trainer_cfg: TrainerConfig, estimator_cfg: Any,
                  device: torch.device, recorder: RunRecorder, seed: int = 0,
                  save_scores: bool = False, train_rows: np.ndarray | None = None,
                  checkpoint_epochs: set[int] | None = None,
                  checkpoint_path: str | os.PathLike | None = None,
                  resume_state: dict | None = None):
         self.model, self.data, self.est, self.policy = model, data, estimator, policy
-        self.cfg, self.ecfg = trainer_cfg, estimator_cfg
+        # the estimator's options (a dataclass or a composed config node): what the curator
+        # takes from them (validation draw, refresh period, preconditioning)
+        self.curation = estimator_options(estimator_cfg).curation()
+        self.cfg = trainer_cfg
         self.device, self.rec = device, recorder
         self.save_scores = save_scores
         self.rows = (np.arange(len(data.train)) if train_rows is None
                      else np.asarray(train_rows, dtype=np.int64))
         self.gen = torch.Generator().manual_seed(seed)
         self.scoring = not isinstance(estimator, VanillaEstimator)
-        self.self_influence = bool(estimator_cfg.self_influence)
+        self.self_influence = bool(self.curation.get("self_influence", False))
         self.noisy = np.asarray(data.noisy, dtype=bool) if data.noisy is not None else None
         # on the device: each step sums the losses of its noisy-label samples without a sync
         self._noisy_t = (torch.as_tensor(self.noisy, device=device)
@@ -171,23 +177,24 @@ class Trainer:
         self.resume_state = resume_state
         # speed options: all forwards (the estimator's own too) run in `self._autocast()`;
         # forwards without estimator hooks run `self.fwd_model` (compiled when asked)
-        self._autocast = autocast_context(device, getattr(trainer_cfg, "precision", "fp32"))
-        self.channels_last = wants_channels_last(getattr(trainer_cfg, "channels_last", "auto"),
-                                                 model, device)
+        self._autocast = autocast_context(device, trainer_cfg.precision)
+        self.channels_last = wants_channels_last(trainer_cfg.channels_last, model, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.fwd_model = compiled(self.model, bool(getattr(trainer_cfg, "compile", False)))
-        self.log_every = max(1, int(getattr(trainer_cfg, "log_every", 50)))
+        self.fwd_model = compiled(self.model, bool(trainer_cfg.compile))
+        self.log_every = max(1, int(trainer_cfg.log_every))
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(device)
-        self._in_train_mode = False  # model.train() has run in a step (see _step)
+        self._in_train_mode = False  # model.train() has run in a step (see train_step)
         self.dist = dist_mod.current()  # data-parallel ranks (lai/train/distributed.py)
+        self.state = LoopState()  # the loop's records (fit); checkpointed with the model
+        self._position: EpochPosition | None = None  # set while a mid-epoch checkpoint saves
+        self._t_start = time.perf_counter()
         # the curation itself (estimator, policy, validation draws, the step's scoring) is
         # the public lai.Curator: run.py and a user's own loop share one mechanism
         self.curator = Curator(
-            model, None if self.self_influence else data.val, estimator, policy, val_fraction=estimator_cfg.val_fraction,
-            val_max=estimator_cfg.val_max, refresh_every=max(1, estimator_cfg.refresh_every),
-            val_mode=estimator_cfg.val_mode, self_influence=self.self_influence,
+            model, None if self.self_influence else data.val, estimator, policy,
+            **{k: v for k, v in self.curation.items() if k != "precondition"},
             strategy=trainer_cfg.strategy, seed=seed + 1, forward_context=self._autocast,
             refresh_context=lambda: self._refresh_timer.region(),
             after_refresh=lambda est: dist_mod.reduce_cache(est, self.dist),
@@ -251,9 +258,11 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
 
-    def _step(self, raw: Batch, epoch: int, step: int) -> None:
-        """One optimizer step on ``raw`` (on the device); what it records stays pending on the
-        device until :meth:`_flush`."""
+    def train_step(self, raw: Batch, epoch: int, step: int) -> None:
+        """One optimizer step on ``raw`` (on the device), in one of three strategies: the
+        values after the backward (Ghost's probe form), two passes (score, then train the
+        kept rows), or one weighted pass. What it records stays pending on the device until
+        :meth:`_flush`. (``fit`` calls it; so does the benchmark, after :meth:`setup`.)"""
         batch = Batch(self._prepare(raw.inputs, True), raw.labels, raw.idx)
         # train mode for every module, set by the first step; later steps find it set unless
         # something switched the model (evaluation, a refresh in eval mode: both switch and
@@ -267,39 +276,50 @@ class Trainer:
             with self._autocast():
                 logits = forward_logits(self.model if st.hooked else self.fwd_model,
                                         batch.inputs)
-        late, two_pass = st.late, st.two_pass
-        if two_pass:
+        if st.two_pass:
             # a no-grad forward's logits can still be a grad leaf (the estimator's hooks make
             # the output layer's output one): detached, the recorded loss builds no graph
             logits = logits.detach()
-        values = None if late else st.values
-        weights, keep = st.weights, st.keep
         # computed once: it feeds the backward (one pass) and the record
         losses = per_sample_loss(logits.float(), batch.labels)
-        b = len(batch)
-        p = self._pending
-        if late:  # every sample trains with weight 1 (planned so): backward, then the values
-            st.set_row_scale(self._backward(losses, None))
-            values = st.values
-            self._optimizer_step()
-            keep = st.keep
-            p.kept_host += b
-        elif two_pass:  # forward + backward on the kept samples only
-            # the scoring pass's logits have given the losses: gone before the second pass
-            # instead of held through its peak (an LM's [B, T, vocab])
-            del logits
-            rows = st.kept_rows
-            sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
-            if len(sub) > 0:
-                with self._autocast():
-                    sub_logits = forward_logits(self.fwd_model, sub.inputs)
-                self._update(per_sample_loss(sub_logits.float(), sub.labels), w)
-            else:
-                p.skipped += 1
-            p.kept_host += len(sub)
-        elif weights is None:
+        # two pass: the scoring pass's logits have given the losses: gone before the second
+        # pass instead of held through its peak (an LM's [B, T, vocab])
+        del logits
+        if st.late:
+            self._step_then_score(st, losses)
+        elif st.two_pass:
+            self._step_on_kept_rows(st, batch)
+        else:
+            self._step_weighted(st, losses)
+        self.sched.step()
+        self._record_step(raw, losses, st)
+
+    def _step_then_score(self, st: Any, losses: torch.Tensor) -> None:
+        """Every sample trains with weight 1 (planned so): backward, then the values."""
+        st.set_row_scale(self._backward(losses, None))
+        _ = st.values  # read from the backward's probes before the optimizer step
+        self._optimizer_step()
+        self._pending.kept_host += len(losses)
+
+    def _step_on_kept_rows(self, st: Any, batch: Batch) -> None:
+        """Two pass: forward + backward on the kept rows only."""
+        rows, weights = st.kept_rows, st.weights
+        sub, w = (batch, weights) if rows is None else (batch.select(rows), weights[rows])
+        if len(sub) > 0:
+            with self._autocast():
+                sub_logits = forward_logits(self.fwd_model, sub.inputs)
+            self._update(per_sample_loss(sub_logits.float(), sub.labels), w)
+        else:
+            self._pending.skipped += 1
+        self._pending.kept_host += len(sub)
+
+    def _step_weighted(self, st: Any, losses: torch.Tensor) -> None:
+        """One pass: the weighted loss of the batch (weight 0 = dropped); a batch with
+        nothing kept skips the optimizer step, which needs the count on the host."""
+        p, weights, keep = self._pending, st.weights, st.keep
+        if weights is None:
             self._update(losses, None)
-            p.kept_host += b
+            p.kept_host += len(losses)
         elif self.policy.may_drop_all:
             kept = int(keep.sum())  # host sync: a batch with nothing kept skips the step
             if (kept if not self.dist.enabled
@@ -311,16 +331,20 @@ class Trainer:
         else:
             self._update(losses, weights)
             p.kept.append(keep.sum())
-        self.sched.step()
+
+    def _record_step(self, raw: Batch, losses: torch.Tensor, st: Any) -> None:
+        """The step's losses, values and keep decisions, pending on the device."""
+        p = self._pending
         p.steps += 1
-        p.seen += b
+        p.seen += len(losses)
         p.losses.append(losses.detach().sum())
         if self._noisy_t is not None and raw.idx is not None:
             nz = self._noisy_t[raw.idx.to(self._noisy_t.device)].to(losses.dtype)
             p.noisy_losses.append(torch.stack([(losses.detach() * nz).sum(), nz.sum()]))
+        values = st.values
         if values is not None:
             p.values.append(values.detach())
-            p.keep.append(keep)
+            p.keep.append(st.keep)
             p.idx.append(raw.idx)
         elif self.save_scores:
             p.all_kept_idx.append(raw.idx)
@@ -373,11 +397,10 @@ class Trainer:
 
     # ---- set-up ----------------------------------------------------------------------
     def setup(self, total_steps: int, steps_per_epoch: int = 1) -> None:
-        """Optimizer, schedule over ``total_steps``, empty records: what :meth:`_step` needs
-        (``fit`` calls it; so does the benchmark, which drives ``_step`` itself)."""
+        """Optimizer, schedule over ``total_steps``, empty records: what :meth:`train_step`
+        needs (``fit`` calls it; so does the benchmark, which drives ``train_step`` itself)."""
         self.opt = build_optimizer(self.model, self.cfg)
-        if hasattr(self.est, "bind_optimizer"):
-            self.curator.bind_optimizer(self.opt, self.ecfg.precondition)
+        self.curator.bind_optimizer(self.opt, self.curation.get("precondition", "none"))
         self.sched = build_scheduler(self.opt, self.cfg, total_steps, steps_per_epoch)
         self._pending = PendingSteps()
         self._refresh_timer = RegionTimer(self.device)
@@ -390,156 +413,174 @@ class Trainer:
 
     # ---- the whole run -----------------------------------------------------------------
     def fit(self) -> dict:
+        """Train every epoch (resuming from ``resume_state`` when given); returns the
+        summary. Ctrl-C or SIGTERM stops it between two steps with a checkpoint
+        (:class:`lai.errors.RunInterrupted`)."""
         cfg = self.cfg
-        bs = cfg.batch_size
         if self.dist.enabled and self.scoring and cfg.strategy != "one_pass":
             raise ValueError("data-parallel runs need trainer.strategy=one_pass")
-        steps_per_epoch = math.ceil(len(self.rows) / bs)
+        steps_per_epoch = math.ceil(len(self.rows) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             total = min(total, int(cfg.max_steps))
         self.setup(total, steps_per_epoch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_start = time.perf_counter()
-        history, samples_per_epoch, step = [], [], 0
-        all_values, all_kept = [], []
-        last_eval: dict = {}
-        self.checkpoints = []
-        eval_at = {int(s) for s in cfg.eval_at_steps}
-        step_evals: dict[str, dict] = {}
-        removed, start_epoch, elapsed_before = 0, 0, 0.0
+        self.state, position = LoopState(), None
         if self.resume_state is not None:
-            loop = self.load_state_dict(self.resume_state)
-            history, samples_per_epoch = loop["history"], loop["samples_per_epoch"]
-            step, removed, step_evals = loop["step"], loop["removed"], loop["step_evals"]
-            start_epoch, elapsed_before = loop["next_epoch"], loop["elapsed_s"]
-            all_values, all_kept = loop["all_values"], loop["all_kept"]
-            last_eval = loop["last_eval"]
-            t_start -= elapsed_before
-        in_epoch = self.resume_state.get("in_epoch") if self.resume_state is not None else None
-        ckpt_every = int(getattr(cfg, "checkpoint_every", 0) or 0)
+            self.state = self.load_state_dict(self.resume_state)
+            position = EpochPosition.from_state_dict(self.resume_state.get("in_epoch"))
+        self._t_start = time.perf_counter() - self.state.elapsed_s
+        self.checkpoints = []
         self.curator.cache_ready = False  # no validation cache yet in this process
-        self._loop = {}
-        for epoch in range(start_epoch, cfg.epochs):
-            if step >= total:
-                break
-            stats = EpochStats()
-            self._new_epoch()
-            first = 0
-            if in_epoch is not None:  # resumed inside this epoch: its order and records so far
-                first, order = int(in_epoch["i"]), in_epoch["order"]
-                stats = EpochStats(**json.loads(in_epoch["stats"]))
-                self._epoch_values = in_epoch["epoch_values"].numpy().copy()
-                self._epoch_kept = in_epoch["epoch_kept"].numpy().copy()
-                in_epoch = None
-            else:
-                order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows),
-                                                                  generator=self.gen)]
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not cfg.progress, leave=False, dynamic_ncols=True)
-            for i in bar:
-                if step >= total:
+        with StopSignals(enabled=not self.dist.enabled) as stop:
+            for epoch in range(self.state.next_epoch, cfg.epochs):
+                if self.state.step >= total:
                     break
-                # also the first scored step (after a resume or warm-up)
-                self.curator.refresh_if_due(step, epoch)
-                rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
-                self._step(self._to_device(self.data.train.gather(rows)), epoch, step)
-                step += 1
-                if step % self.log_every == 0 or step in eval_at:
-                    self._flush(epoch, step, stats, bar)
-                if step in eval_at:  # e.g. Table 1's perplexity after 5,000 and 10,000 batches
-                    step_evals[str(step)] = {"removed_so_far": removed + stats.seen - stats.kept,
-                                             **self._evaluate()}
-                    self.rec.log("step_eval", step=step, **step_evals[str(step)])
-                if (ckpt_every and step % ckpt_every == 0 and i + 1 < steps_per_epoch
-                        and step < total and self.checkpoint_path is not None):
-                    self._flush(epoch, step, stats, bar)
-                    self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
-                        self._epoch_values, self._epoch_kept, self.dist)
-                    self._loop = {"next_epoch": epoch, "step": step, "removed": removed,
-                                  "history": history, "samples_per_epoch": samples_per_epoch,
-                                  "step_evals": step_evals, "last_eval": last_eval,
-                                  "all_values": all_values, "all_kept": all_kept,
-                                  "elapsed_s": time.perf_counter() - t_start,
-                                  "in_epoch": {"i": i + 1, "order": order, "stats": stats}}
-                    self.save_checkpoint(self.checkpoint_path)
-            self._flush(epoch, step, stats, bar)
-            bar.close()
-            self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
-                self._epoch_values, self._epoch_kept, self.dist)
-            samples_per_epoch.append(stats.kept)
-            removed += stats.seen - stats.kept
-            row = {"epoch": epoch, "step": step, "train_loss": stats.loss_sum / max(1, stats.seen),
-                   "seen": stats.seen, "samples_used": stats.kept,
-                   "kept_fraction": stats.kept / max(1, stats.seen),
-                   "skipped_steps": stats.skipped_steps,
-                   "elapsed_s": time.perf_counter() - t_start}
-            if self.noisy is not None and stats.seen > 0:
-                # how far the model fits the labels it is given: memorised noisy labels
-                # have a training loss near the clean ones' (measured at each forward)
-                clean_n = stats.seen - stats.noisy_seen
-                row["train_loss_noisy"] = (stats.noisy_loss_sum / stats.noisy_seen
-                                           if stats.noisy_seen else None)
-                row["train_loss_clean"] = ((stats.loss_sum - stats.noisy_loss_sum) / clean_n
-                                           if clean_n else None)
-            if self.noisy is not None and np.isfinite(self._epoch_values).any():
-                row.update(detection_metrics(self._epoch_values, self._epoch_kept, self.noisy))
-            row.update(self._kept_classes(epoch))
-            if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
-                last_eval = self._evaluate()
-                row.update(last_eval)
-            history.append(row)
-            self.rec.log("epoch", **row)
-            if self.save_scores:
-                self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept,
-                                     noisy=self.noisy if epoch == 0 else None)
-            if epoch in self.checkpoint_epochs:
-                self.checkpoints.append({k: v.detach().cpu().clone()
-                                         for k, v in self.model.state_dict().items()})
-            all_values.append(self._epoch_values)
-            all_kept.append(self._epoch_kept)
-            self._loop = {"next_epoch": epoch + 1, "step": step, "removed": removed,
-                          "history": history, "samples_per_epoch": samples_per_epoch,
-                          "step_evals": step_evals, "last_eval": last_eval,
-                          "all_values": all_values, "all_kept": all_kept,
-                          "elapsed_s": time.perf_counter() - t_start}
-            if self.checkpoint_path is not None:
+                stats, order, first = self._begin_epoch(position)
+                position = None
+                self._run_steps(epoch, order, range(first, steps_per_epoch), stats, total, stop)
+                self._end_epoch(epoch, stats)
+                if stop.received and epoch + 1 < cfg.epochs and self.state.step < total:
+                    raise RunInterrupted(stop.received, self.checkpoint_path)
+        return self._summary()
+
+    # ---- the pieces of fit -------------------------------------------------------------
+    def _begin_epoch(self, position: EpochPosition | None
+                     ) -> tuple[EpochStats, torch.Tensor, int]:
+        """The epoch's statistics, sample order and first batch index: new, or where a
+        checkpoint inside the epoch left them."""
+        self._new_epoch()
+        if position is None:
+            order = torch.as_tensor(self.rows)[torch.randperm(len(self.rows),
+                                                              generator=self.gen)]
+            return EpochStats(), order, 0
+        self._epoch_values, self._epoch_kept = position.epoch_values, position.epoch_kept
+        return EpochStats(**json.loads(position.stats)), position.order, position.i
+
+    def _run_steps(self, epoch: int, order: torch.Tensor, batches: range, stats: EpochStats,
+                   total: int, stop: StopSignals) -> None:
+        """The optimizer steps of one epoch (batch indices ``batches`` of ``order``), with
+        the records, evaluations and checkpoints due between them."""
+        cfg, state, bs = self.cfg, self.state, self.cfg.batch_size
+        eval_at = {int(s) for s in cfg.eval_at_steps}
+        ckpt_every = int(cfg.checkpoint_every or 0)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        for i in bar:
+            if state.step >= total:
+                break
+            # also the first scored step (after a resume or warm-up)
+            self.curator.refresh_if_due(state.step, epoch)
+            rows = self.dist.shard(order[i * bs:(i + 1) * bs])  # this rank's share
+            self.train_step(self._to_device(self.data.train.gather(rows)), epoch, state.step)
+            state.step += 1
+            step = state.step
+            if step % self.log_every == 0 or step in eval_at:
+                self._flush(epoch, step, stats, bar)
+            if step in eval_at:  # e.g. Table 1's perplexity after 5,000 and 10,000 batches
+                state.step_evals[str(step)] = {
+                    "removed_so_far": state.removed + stats.seen - stats.kept,
+                    **self._evaluate()}
+                self.rec.log("step_eval", step=step, **state.step_evals[str(step)])
+            inside = i + 1 < batches.stop and step < total  # more steps in this epoch
+            due = ckpt_every and step % ckpt_every == 0
+            if inside and (due or stop.received) and self.checkpoint_path is not None:
+                self._flush(epoch, step, stats, bar)
+                self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+                    self._epoch_values, self._epoch_kept, self.dist)
+                self.state.next_epoch = epoch
+                self._position = EpochPosition(i + 1, order, json.dumps(vars(stats)),
+                                               self._epoch_values, self._epoch_kept)
                 self.save_checkpoint(self.checkpoint_path)
-        if not last_eval or "test_acc" not in history[-1]:
-            last_eval = self._evaluate()
-        wall = time.perf_counter() - t_start
+                self._position = None
+            if inside and stop.received:
+                bar.close()
+                raise RunInterrupted(stop.received, self.checkpoint_path)
+        self._flush(epoch, state.step, stats, bar)
+        bar.close()
+
+    def _end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Records of a finished epoch (its history row, evaluation, scores), then the
+        checkpoint."""
+        state = self.state
+        self._epoch_values, self._epoch_kept = dist_mod.merge_epoch_arrays(
+            self._epoch_values, self._epoch_kept, self.dist)
+        state.samples_per_epoch.append(stats.kept)
+        state.removed += stats.seen - stats.kept
+        row = self._epoch_row(epoch, stats)
+        if self.cfg.eval_every_epoch or epoch == self.cfg.epochs - 1:
+            state.last_eval = self._evaluate()
+            row.update(state.last_eval)
+        state.history.append(row)
+        self.rec.log("epoch", **row)
+        if self.save_scores:
+            self.rec.save_scores(epoch, self._epoch_values, self._epoch_kept,
+                                 noisy=self.noisy if epoch == 0 else None)
+        if epoch in self.checkpoint_epochs:
+            self.checkpoints.append({k: v.detach().cpu().clone()
+                                     for k, v in self.model.state_dict().items()})
+        state.all_values.append(self._epoch_values)
+        state.all_kept.append(self._epoch_kept)
+        state.next_epoch = epoch + 1
+        if self.checkpoint_path is not None:
+            self.save_checkpoint(self.checkpoint_path)
+
+    def _epoch_row(self, epoch: int, stats: EpochStats) -> dict:
+        """The history row of a finished epoch (before its evaluation)."""
+        row = {"epoch": epoch, "step": self.state.step,
+               "train_loss": stats.loss_sum / max(1, stats.seen),
+               "seen": stats.seen, "samples_used": stats.kept,
+               "kept_fraction": stats.kept / max(1, stats.seen),
+               "skipped_steps": stats.skipped_steps,
+               "elapsed_s": time.perf_counter() - self._t_start}
+        if self.noisy is not None and stats.seen > 0:
+            # how far the model fits the labels it is given: memorised noisy labels
+            # have a training loss near the clean ones' (measured at each forward)
+            clean_n = stats.seen - stats.noisy_seen
+            row["train_loss_noisy"] = (stats.noisy_loss_sum / stats.noisy_seen
+                                       if stats.noisy_seen else None)
+            row["train_loss_clean"] = ((stats.loss_sum - stats.noisy_loss_sum) / clean_n
+                                       if clean_n else None)
+        if self.noisy is not None and np.isfinite(self._epoch_values).any():
+            row.update(detection_metrics(self._epoch_values, self._epoch_kept, self.noisy))
+        row.update(self._kept_classes(epoch))
+        return row
+
+    def _summary(self) -> dict:
+        """The run's summary from the loop's records (``status: completed``)."""
+        state, history = self.state, self.state.history
+        if not state.last_eval or "test_acc" not in history[-1]:
+            state.last_eval = self._evaluate()
+        wall = time.perf_counter() - self._t_start
         peak, peak_kind = peak_memory_mb(self.device)
         seen = sum(r["seen"] for r in history)
-        test_accs = [r["test_acc"] for r in history if "test_acc" in r] or [last_eval["test_acc"]]
         summary = {
-            "status": "completed", "epochs": len(history), "steps": step,
-            "strategy": cfg.strategy,
-            "final_test_acc": last_eval["test_acc"], "best_test_acc": max(test_accs),
-            "final_test_loss": last_eval["test_loss"], "final_val_loss": last_eval["val_loss"],
-            "final_val_acc": last_eval["val_acc"],
-            "samples_per_epoch": samples_per_epoch,
-            "kept_fraction": sum(samples_per_epoch) / max(1, seen),
-            "samples_seen": seen, "samples_removed": removed,
+            "status": "completed", "epochs": len(history), "steps": state.step,
+            "strategy": self.cfg.strategy, **summary_of(history, state.last_eval),
+            "samples_per_epoch": state.samples_per_epoch,
+            "kept_fraction": sum(state.samples_per_epoch) / max(1, seen),
+            "samples_seen": seen, "samples_removed": state.removed,
             "skipped_steps": sum(r["skipped_steps"] for r in history),
             "history": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                         for r in history],
             "wall_time_s": wall, "cache_refresh_s": self._refresh_timer.total(),
             "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
         }
-        if self.noisy is not None and all_values and np.isfinite(np.stack(all_values)).any():
+        if self.noisy is not None and state.all_values and \
+                np.isfinite(np.stack(state.all_values)).any():
             # pooled over every scored (sample, epoch) pair
-            summary.update(detection_metrics(np.concatenate(all_values),
-                                             np.concatenate(all_kept),
-                                             np.tile(self.noisy, len(all_values))))
+            summary.update(detection_metrics(np.concatenate(state.all_values),
+                                             np.concatenate(state.all_kept),
+                                             np.tile(self.noisy, len(state.all_values))))
         collapsed = [r["epoch"] for r in history if r.get("collapsed")]
         if collapsed:
             summary["collapsed_epochs"] = collapsed
-        if step_evals:
-            summary["step_evals"] = step_evals
-        if "test_ppl" in last_eval:
-            summary["final_test_ppl"] = last_eval["test_ppl"]
-            summary["final_val_ppl"] = last_eval["val_ppl"]
+        if state.step_evals:
+            summary["step_evals"] = state.step_evals
+        if "test_ppl" in state.last_eval:
+            summary["final_test_ppl"] = state.last_eval["test_ppl"]
+            summary["final_val_ppl"] = state.last_eval["val_ppl"]
         return summary
 
     # ---- failure and checkpoints -------------------------------------------------------
@@ -548,7 +589,7 @@ class Trainer:
         where = ""
         if self.checkpoint_path is not None:
             path = os.path.join(os.path.dirname(self.checkpoint_path), "diverged_state.pt")
-            self._loop = {**getattr(self, "_loop", {}), "diverged_at_step": step}
+            self.state.extra["diverged_at_step"] = step
             self.save_checkpoint(path)
             where = f"; state saved to {path}"
         raise TrainingDivergedError(
@@ -556,10 +597,9 @@ class Trainer:
             f"epoch {epoch}; lower trainer.lr or set trainer.grad_clip{where}")
 
     def state_dict(self) -> dict:
-        """Everything needed to go on after the last finished epoch, as tensors, numbers,
-        strings and lists only (loadable with ``torch.load(weights_only=True)``)."""
-        loop = dict(self._loop)
-        in_epoch = loop.pop("in_epoch", None)
+        """Everything needed to go on from here (the end of the last finished epoch, or a
+        position inside the current one), as tensors, numbers, strings and lists only
+        (loadable with ``torch.load(weights_only=True)``)."""
         nps = np.random.get_state()
         state = {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -572,17 +612,11 @@ class Trainer:
             "policy": {k: v for k, v in vars(self.policy).items()
                        if v is None or isinstance(v, (bool, int, float, str, torch.Tensor))},
             "cache_refresh_s": self._refresh_timer.total(),
-            "all_values": [torch.from_numpy(a) for a in loop.pop("all_values", [])],
-            "all_kept": [torch.from_numpy(a) for a in loop.pop("all_kept", [])],
-            "loop": json.dumps(_jsonable(loop)),
+            **self.state.state_dict(elapsed_s=time.perf_counter() - self._t_start),
             "metrics_bytes": self.rec.metrics_bytes(),
         }
-        if in_epoch is not None:  # a checkpoint inside an epoch (trainer.checkpoint_every)
-            state["in_epoch"] = {
-                "i": int(in_epoch["i"]), "order": torch.as_tensor(in_epoch["order"]).cpu(),
-                "stats": json.dumps(vars(in_epoch["stats"])),
-                "epoch_values": torch.from_numpy(self._epoch_values.copy()),
-                "epoch_kept": torch.from_numpy(self._epoch_kept.copy())}
+        if self._position is not None:  # a checkpoint inside an epoch
+            state["in_epoch"] = self._position.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -596,7 +630,7 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def load_state_dict(self, state: dict) -> dict:
+    def load_state_dict(self, state: dict) -> LoopState:
         """Restore a :meth:`state_dict` (after :meth:`setup`); returns the loop's records."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -613,11 +647,7 @@ class Trainer:
         for k, v in state["policy"].items():
             setattr(self.policy, k, v.to(self.device) if torch.is_tensor(v) else v)
         self._refresh_timer.seconds = float(state["cache_refresh_s"])
-        loop = json.loads(state["loop"])
-        loop["all_values"] = [t.numpy() for t in state["all_values"]]
-        loop["all_kept"] = [t.numpy() for t in state["all_kept"]]
-        loop["last_eval"] = loop.get("last_eval") or {}
-        return loop
+        return LoopState.from_state_dict(state)
 
     def _kept_classes(self, epoch: int) -> dict:
         """``{"kept_classes": k}`` for a classification run that curated in ``epoch``: how

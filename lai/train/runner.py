@@ -14,16 +14,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lai.config import validate
-from lai.errors import ConfigError
+from lai.config import part_options, validate
+from lai.errors import ConfigError, RunInterrupted
 from lai.data import build_data, needs_tokenizer, resolve_data_dir
-from lai.estimators.capture import select_layers
 from lai.estimators.registry import build_estimator
 from lai.models import build_model, build_tokenizer
-from lai.policies import build_policy_from_config
+from lai.policies import POLICIES
 from lai.policies.matching import is_path
+from lai.train.checkpoints import load_checkpoint
 from lai.train.loop import Trainer, peak_memory_mb
-from lai.data.checksums import dataset_folders, verify_files
+from lai.data.checksums import verify_files
+from lai.data.registry import dataset_folders
 from lai.train.distributed import init_from_env
 from lai.train.records import (NullRecorder, RunRecorder, completed_summary, config_hash,
                                lock_run_dir, run_dir_for)
@@ -113,20 +114,22 @@ def config_errors() -> Iterator[None]:
 
 
 def _online_parts(cfg: DictConfig, model: torch.nn.Module, data_parallel: bool):
-    """The online estimator and policy the config names; their options checked against the
-    model now (LAI's layers and output layer), before anything is trained."""
-    cache = cfg.estimator.cache
-    if data_parallel and cache == "auto":
-        cache = "folded"  # a sum over the validation rows: one all-reduce joins the ranks
-    estimator = build_estimator(cfg.estimator.name, layers=cfg.estimator.layers,
-                                output_layer=cfg.estimator.output_layer, cache=cache,
-                                ghost_mode=cfg.estimator.ghost_mode,
-                                offload=cfg.estimator.offload,
-                                release_tangents=cfg.estimator.get("release_tangents", True),
-                                forward_fastpaths=cfg.estimator.get("forward_fastpaths", True))
-    if cfg.estimator.name in ("lai", "lli"):
-        select_layers(model, estimator.layers, estimator.output_layer)
-    policy = build_policy_from_config(cfg.policy)
+    """The online estimator and policy the config names, set up for ``model`` now (LAI's
+    layers and output layer, Ghost's form, the data-parallel cache), before anything is
+    trained: what does not fit is a ValueError here."""
+    est_opts, pol_opts = part_options(cfg)
+    estimator = build_estimator(est_opts)
+    policy = POLICIES.build(pol_opts)
+    if data_parallel:
+        estimator.prepare_data_parallel()
+    was_training = model.training
+    model.train()  # planned in the mode it trains in (train-mode BatchNorm couples samples)
+    try:
+        estimator.plan(model, values_before_backward=not (
+            cfg.trainer.strategy == "one_pass" and policy.keeps_all_unweighted))
+    finally:
+        model.train(was_training)
+    estimator.check_model(model)
     policy.prepare(cfg)  # e.g. the random control reads its matched run's record
     return estimator, policy
 
@@ -198,14 +201,12 @@ def run_experiment(cfg: DictConfig) -> dict:
 
 
 def check_data_parallel(cfg: DictConfig, world: int) -> None:
-    """What a data-parallel (torchrun) run supports: ConfigError otherwise."""
+    """What a data-parallel (torchrun) run supports besides the estimator's own
+    :meth:`~lai.estimators.base.OnlineEstimator.prepare_data_parallel`: ConfigError
+    otherwise."""
     if cfg.runner.name != "online":
         raise ConfigError(f"runner={cfg.runner.name} runs in one process; torchrun with "
                           f"{world} processes supports runner=online")
-    if cfg.estimator.name not in ("vanilla", "lai", "lli", "ghost", "spl"):
-        raise ConfigError(f"estimator={cfg.estimator.name} has no data-parallel cache")
-    if cfg.estimator.cache == "pairwise":
-        raise ConfigError("estimator.cache=pairwise cannot be summed over ranks: use folded")
     if cfg.trainer.strategy != "one_pass" and cfg.estimator.name != "vanilla":
         raise ConfigError("data-parallel runs need trainer.strategy=one_pass")
 
@@ -214,10 +215,7 @@ def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model
             estimator, policy, record: bool = True) -> dict:
     two_round = model is None
     ckpt = run_dir / "checkpoint.pt"
-    resume = None
-    if not two_round and ckpt.is_file():
-        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
-        resume = torch.load(ckpt, map_location="cpu", weights_only=True)
+    resume = None if two_round else load_checkpoint(ckpt)
     recorder = RunRecorder(run_dir, cfg, _wandb_run(cfg, run_dir),
                            metrics_bytes=resume["metrics_bytes"] if resume else 0) \
         if record else NullRecorder()
@@ -242,7 +240,10 @@ def _run_in(cfg, run_dir, identity, data, data_time, model, n_params, make_model
             summary = trainer.fit()
     except BaseException as e:  # keep what was measured; re-raise for the caller to see
         peak, kind = peak_memory_mb(device)
-        recorder.summary(status="failed", error=f"{type(e).__name__}: {e}",
+        if isinstance(e, RunInterrupted):
+            e.run_dir = str(run_dir)
+        status = "interrupted" if isinstance(e, RunInterrupted) else "failed"
+        recorder.summary(status=status, error=f"{type(e).__name__}: {e}",
                          traceback=traceback.format_exc(), peak_memory_mb=peak,
                          peak_memory_kind=kind, **{k: v for k, v in info.items() if k != "data"})
         recorder.close()

@@ -212,20 +212,20 @@ def test_resume_inside_an_epoch_with_checkpoint_every(tiny_overrides, tmp_path, 
     args = ["dataset=digits_n", "estimator=lai", "trainer.epochs=2", "trainer.log_every=5",
             "trainer.checkpoint_every=5", "save_scores=true", *tiny_overrides]
     ref = run_experiment(compose_cfg(*args, "run_name=reference"))
-    orig = loop_mod.Trainer._step
+    orig = loop_mod.Trainer.train_step
 
     def crash(self, raw, epoch, step):
         if epoch == 1 and step == 21 + 12:  # inside epoch 2 (21 steps an epoch), after step 30
             raise RuntimeError("injected crash")
         return orig(self, raw, epoch, step)
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", crash)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         run_experiment(compose_cfg(*args))
     (failed,) = [s for s in _summaries(tmp_path / "runs") if s["status"] == "failed"]
     state = torch.load(Path(failed["run_dir"]) / "checkpoint.pt", weights_only=True)
     assert state["in_epoch"]["i"] == 9 and state["loop"]  # checkpoint at step 30: 9 of epoch 2
-    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", orig)
     resumed = run_experiment(compose_cfg(*args))
     assert _comparable(resumed) == {**_comparable(ref), "config_hash": resumed["config_hash"]}
     for name in ("epoch_000.npz", "epoch_001.npz"):
@@ -294,16 +294,16 @@ def test_resume_between_cache_refreshes_rebuilds_the_cache(tiny_overrides, tmp_p
     two refreshes; the resumed run rebuilds the cache at its first step and completes."""
     args = ["dataset=digits_n", "estimator=lai", "trainer.epochs=2",
             "estimator.refresh_every=4", *tiny_overrides]
-    orig = loop_mod.Trainer._step
+    orig = loop_mod.Trainer.train_step
 
     def crash(self, raw, epoch, step):
         if epoch == 1:
             raise RuntimeError("injected crash")
         return orig(self, raw, epoch, step)
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", crash)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         run_experiment(compose_cfg(*args))
-    monkeypatch.setattr(loop_mod.Trainer, "_step", orig)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", orig)
     s = run_experiment(compose_cfg(*args))
     assert s["status"] == "completed" and s["epochs"] == 2 and s["steps"] == 42

@@ -40,13 +40,13 @@ def test_a_curation_that_keeps_one_class_is_reported(tiny_overrides, monkeypatch
     from lai.policies.threshold import ThresholdPolicy
 
     labels = {}
-    orig_step = loop_mod.Trainer._step
+    orig_step = loop_mod.Trainer.train_step
 
     def step(self, raw, epoch, step_i):
         labels["now"] = raw.labels
         return orig_step(self, raw, epoch, step_i)
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", step)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", step)
     monkeypatch.setattr(ThresholdPolicy, "weights",
                         lambda self, v, s, e: (labels["now"] == 3).float().to(v.device))
     s = run_experiment(compose_cfg("dataset=digits_n", "estimator=lli", "trainer.epochs=2",

@@ -85,7 +85,7 @@ def test_crash_leaves_a_failed_summary(tiny_overrides, tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(loop_mod.Trainer, "_step", boom)
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", boom)
     with pytest.raises(RuntimeError, match="injected"):
         run_experiment(compose_cfg("dataset=digits_n", "estimator=lai", *tiny_overrides))
     (run_dir,) = run_dirs(tmp_path / "runs")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lai.train.memory import PeakTensorMemory
+from lai.bench.memory import PeakTensorMemory
 
 MB4 = 1000 * 1000 * 4  # a 1000x1000 float32
 
