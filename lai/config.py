@@ -205,9 +205,7 @@ def part_options(cfg: Any) -> tuple[Any, Any]:
 def validate(cfg: Any) -> None:
     """Raise :class:`ConfigError` (one line) for values that compose but cannot work."""
     from lai.data.registry import DATASETS
-    from lai.estimators.registry import ESTIMATORS, static_names
     from lai.models.registry import MODELS
-    from lai.policies.registry import POLICIES
 
     for key, allowed in _CHOICES.items():
         val = _get(cfg, key)
@@ -219,6 +217,16 @@ def validate(cfg: Any) -> None:
     if cfg.model.name not in MODELS:
         raise ConfigError(f"model.name={cfg.model.name!r} is unknown; known: "
                           f"{', '.join(sorted(MODELS))}")
+    _check_parts(cfg)
+    _check_values(cfg)
+
+
+def _check_parts(cfg: Any) -> None:
+    """The estimator's and the policy's options, and what they need of each other and of
+    the other groups."""
+    from lai.estimators.registry import ESTIMATORS, static_names
+    from lai.policies.registry import POLICIES
+
     est_opts, pol_opts = part_options(cfg)
     est, pol = est_opts.name, pol_opts.name
     static = ESTIMATORS.get(est).kind == "static"
@@ -238,6 +246,10 @@ def validate(cfg: Any) -> None:
     if est_opts.curation().get("precondition", "none") == "adam" and \
             cfg.trainer.optimizer not in ("adam", "adamw"):
         raise ConfigError("estimator.precondition=adam needs trainer.optimizer=adam or adamw")
+
+
+def _check_values(cfg: Any) -> None:
+    """Ranges of the trainer's, model's and dataset's numbers."""
     checks = [
         (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
         (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),

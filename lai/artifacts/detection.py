@@ -99,6 +99,8 @@ def _summary_points(df: pd.DataFrame, key: str, est: str) -> list[tuple[object, 
 
 def plot_detection(runs: pd.DataFrame, out_stem: Path, scale_label: str) -> list[Path]:
     """Draw the figure (one row per dataset); write ``out_stem``.png/.pdf; return the paths."""
+    # kept whole (~60+ lines): one figure, its panels drawn in order onto shared axes and
+    # legends
     if runs.empty:
         raise ValueError("plot_detection: no completed runs")
     datasets = sorted(runs["dataset"].unique(), key=lambda d: (d != "digits_n", d))

@@ -85,6 +85,8 @@ def plot_fig2(run_dir: Path, out_stem: Path, scale_label: str, n_heat: int = 300
     within-epoch score percentiles (:func:`epoch_percentiles`), with the noisy-label AUC of
     that epoch on the right axis; B: inclusion heat-map of random samples, clean labels above
     the noisy ones; C: three samples' percentiles across epochs."""
+    # kept whole (~60+ lines): one figure, its panels drawn in order onto shared axes and
+    # legends
     data = load_scores(run_dir)
     values, kept, noisy = data["values"], data["kept"], data["noisy"]
     epochs = np.arange(1, values.shape[0] + 1)

@@ -85,6 +85,8 @@ def plot_fig1(fidelity: dict, out_stem: Path) -> list[Path]:
     LAI, Ghost, LLI and the flattened Ghost; ``settings``/``summary``/``paper``/``scale`` are
     used when present.
     """
+    # kept whole (~60+ lines): one figure, its panels drawn in order onto shared axes and
+    # legends
     rows = sorted(fidelity.get("checkpoints", []), key=lambda r: r["step"])
     if not rows:
         raise ValueError("plot_fig1: the fidelity dict has no checkpoints")

@@ -116,6 +116,7 @@ def _long(rows: list[dict]) -> pd.DataFrame:
 
 def table3(results: Path) -> tuple[Table, pd.DataFrame]:
     """Noisy-label test accuracy (%), mean ± std over seeds, ours beside the paper's."""
+    # kept whole (~60+ lines): one table, each row's cells built beside the paper's in one pass
     df, scale = table3_runs(results)
     ok = _completed(df)
     long, rows = [], []

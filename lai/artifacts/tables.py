@@ -166,6 +166,7 @@ def _bench_notes(bench: dict) -> list[str]:
 def table4(results: Path) -> tuple[Table, pd.DataFrame]:
     """GFLOP per batch and peak memory of Vanilla/Ghost/LLI/LAI from ``make bench`` JSON
     (ratios to Vanilla in parentheses), beside the paper's Table 4."""
+    # kept whole (~60+ lines): one table, each row's cells built beside the paper's in one pass
     long, rows = [], []
     benches = _bench_files(results)
     for bench in benches:

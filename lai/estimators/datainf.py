@@ -88,6 +88,8 @@ def per_sample_gradient_chunks(
     running statistics, the textbook per-sample gradient). Buffers are restored when the
     generator finishes.
     """
+    # kept whole (~60+ lines): the vmap and loop paths are closures over the same functional
+    # parameters and the vmap-fallback state
     named = trainable_named_parameters(model)
     params = {n: p.detach() for n, p in named}
     state = {"vmap": True, "func": True}

@@ -313,6 +313,8 @@ def probe_capture(model: nn.Module, batch: Batch, plan: list[tuple[nn.Module, Pr
     output with the one the forward gave, and the backward raises a RuntimeError naming the
     module if they differ (randomness or state inside it). It holds copies of those outputs
     until the backward and waits for the device once per module: meant for a first step."""
+    # kept whole (~60+ lines): the forward and gradient hooks are closures over this capture and
+    # its plan
     cap = ProbeCapture(batch.labels)
     cap.batch_size = len(batch)
     mask = batch.attention_mask

@@ -275,6 +275,8 @@ class LAIEstimator(OnlineEstimator):
     @torch.no_grad()
     def refresh(self, model: nn.Module, val_batch: Batch) -> None:
         """Rebuild the cache from ``val_batch`` (model in its current mode; buffers restored)."""
+        # kept whole (~60+ lines): the per-layer hook that fills the cache is a closure over
+        # this refresh's state
         self._names = select_layers(model, self.layers, self.output_layer, self.layer_types)
         self._out_name = self.output_layer or output_layer_name(model)
         n = len(val_batch)

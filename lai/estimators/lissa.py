@@ -143,6 +143,8 @@ def inverse_hvp(model: nn.Module, vector: list[torch.Tensor], hessian_batches: S
     mean Hessian of the batches (one more HVP per batch): how far the estimate is from the
     exact solve.
     """
+    # kept whole (~60+ lines): the LiSSA recursion with its convergence and divergence checks,
+    # in one loop
     batches = list(hessian_batches)
     if not batches:
         raise ValueError("lissa needs at least one Hessian batch")

@@ -207,6 +207,8 @@ def gpt_neo_val_loss(model: nn.Module, val_batch: Batch) -> ValLoss | None:
     one fused QKV product. Returns ``None`` (use the generic path) when the model or batch is
     outside what this covers: another architecture, padding, token type ids, or active dropout.
     """
+    # kept whole (~60+ lines): one fused functional forward, written out in the model's own
+    # order
     if type(model).__name__ != "GPTNeoForCausalLM":
         return None
     cfg = model.config
