@@ -9,8 +9,8 @@ from torch import nn
 from lai.batching import (Batch, LossFn, as_batch, forward_logits, resolve_labels,
                           using_loss)
 from lai.estimators.capture import preserved_buffers
-from lai.estimators.ghost import ghost_pairwise
-from lai.estimators.ghost_flat import flattened_ghost_values
+from lai.estimators.online.ghost import ghost_pairwise
+from lai.estimators.online.ghost_flat import flattened_ghost_values
 from lai.estimators.registry import (ESTIMATORS, OnlineOptions, build_estimator,
                                      static_names)
 from lai.estimators.static import static_values
@@ -57,7 +57,7 @@ def value(model: nn.Module, train_batch: Any, val_batch: Any, method: str = "lai
     ``cache``: ``auto`` | ``folded`` | ``pairwise`` for lai/lli (equal results; a speed choice).
       - ``"ghost_flat"``: Ghost as the paper's public code computes it, from flattened
         whole-layer activations and output gradients of the Linear/Conv2d layers
-        (:mod:`lai.estimators.ghost_flat`): exact on an MLP, an approximation for
+        (:mod:`lai.estimators.online.ghost_flat`): exact on an MLP, an approximation for
         convolutions and token sequences; kept for comparison (Figure 1).
 
     Static methods (normally run on a trained model, see ``runner=two_round``):

@@ -137,11 +137,11 @@ def options_from_config(node: Any, registry: Registry) -> Any:
 
 
 def import_submodules(package: str) -> None:
-    """Import every module of ``package`` (a built-in estimator, policy or dataset
-    registers itself in its own module: adding one is adding a file)."""
+    """Import every module of ``package`` and of its sub-packages (a built-in estimator,
+    policy or dataset registers itself in its own module: adding one is adding a file)."""
     pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{package}.{info.name}")
+    for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
 
 
 _loaded: set = set()

@@ -45,19 +45,19 @@ three rows: ``ghost`` is the form the trainer picks for that policy (``ghost_mod
 probe form, values from the training backward, unless the model has train-mode BatchNorm,
 where only forward mode is exact per sample; the row's ``ghost_form`` says which);
 ``ghost/forward`` and ``ghost/probe`` force one form (``ghost/probe`` on a train-mode
-BatchNorm model gives the per-route values, see ``lai/estimators/ghost_probe.py``: timed for
+BatchNorm model gives the per-route values, see ``lai/estimators/online/ghost_probe.py``: timed for
 comparison only). Two more rows time a LAI step with filtering: ``lai+filter`` (one pass,
 keeping the top half of each batch) and ``lai+filter/2pass`` (two pass: no-grad scoring,
 then forward and backward on the kept half only). ``ghost/2pass`` is Ghost with its
 forward-mode pass under no_grad (nothing of it is kept for the backward: the low-memory
 form), then a plain forward and backward of the whole batch. On CUDA, ``lai/offload`` is LAI
 with its validation cache in pinned host memory, copied to the GPU layer by layer ahead of use
-(``estimator.offload``, ``lai/estimators/offload.py``). ``lai/curator`` is LAI's step written
+(``estimator.offload``, ``lai/estimators/online/offload.py``). ``lai/curator`` is LAI's step written
 as a user's own loop around the public ``lai.Curator`` (forward inside ``with``, ``step.loss``,
 backward, optimizer step): its ratio should match ``lai``'s. Any Ghost method with ``/nofast``
 appended (``ghost/forward/nofast``, ``ghost/2pass/nofast``; not a default row) runs with
 ``estimator.forward_fastpaths=false``, PyTorch's own forward-mode formulas, for an A/B of
-the fast paths (``lai/estimators/forward_fastpaths.py``) in the same process.
+the fast paths (``lai/estimators/forward/forward_fastpaths.py``) in the same process.
 
 Speed settings (the Trainer's own options, recorded in the JSON): ``--precision`` (default
 ``auto``: bf16 autocast on CUDA, fp32 on CPU), ``--channels-last`` (default ``auto``: on for

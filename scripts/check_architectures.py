@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from lai import value  # noqa: E402
 from lai.batching import as_batch, resolve_labels, shift_labels  # noqa: E402
-from lai.estimators import ghost_probe  # noqa: E402
-from lai.estimators.ghost import GhostEstimator  # noqa: E402
+from lai.estimators.online import ghost_probe  # noqa: E402
+from lai.estimators.online.ghost import GhostEstimator  # noqa: E402
 from tests.estimators import brute  # noqa: E402
 
 VOCAB, LABELS, SEQ = 50, 3, 7

@@ -11,7 +11,7 @@ mode) and, on a seeded batch of 16 training blocks and a fixed seeded validation
 ``--val-size`` blocks, the script computes
 
 - LAI, Ghost (exact), LLI and the paper code's flattened Ghost (``ghost_flat``,
-  :mod:`lai.estimators.ghost_flat`) values with :func:`lai.value` (positive = helps), and
+  :mod:`lai.estimators.online.ghost_flat`) values with :func:`lai.value` (positive = helps), and
 - the Monte-Carlo permutation Shapley value of each of the 16 samples in the one-SGD-step
   game ``U(S) = L_V(theta) - L_V(theta - lr * sum_{i in S} grad ell_i)`` (summed losses;
   :mod:`lai.fidelity.shapley`), stored divided by ``lr`` so it is in Ghost's units;

@@ -239,7 +239,7 @@ def test_profile_step_prints_dispatch_and_a_profile(capsys):
 def test_nofast_rows_switch_the_fast_paths_off_and_name_keeps_table4s_file(tmp_path,
                                                                            monkeypatch):
     """``ghost/forward/nofast`` is the forward form with PyTorch's own formulas (the A/B of
-    lai/estimators/forward_fastpaths.py), ``/nofast`` on another estimator is refused, and
+    lai/estimators/forward/forward_fastpaths.py), ``/nofast`` on another estimator is refused, and
     ``--name`` writes a run of other methods beside Table 4's file, not over it."""
     import torch
 

@@ -8,7 +8,7 @@ from lai.plugins import import_submodules
 import_submodules(__name__)
 
 from lai.estimators.base import OnlineEstimator, VanillaEstimator, output_gradient  # noqa: E402
-from lai.estimators.lai import LAIEstimator  # noqa: E402
+from lai.estimators.online.lai import LAIEstimator  # noqa: E402
 from lai.estimators.registry import ESTIMATORS, build_estimator, estimator_options  # noqa: E402
 
 __all__ = ["OnlineEstimator", "VanillaEstimator", "LAIEstimator", "build_estimator",

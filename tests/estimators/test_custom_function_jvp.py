@@ -1,5 +1,5 @@
 """Custom autograd.Functions without a jvp under Ghost's forward form
-(lai/estimators/custom_function_jvp.py): the output tangent is derived from the Function's own
+(lai/estimators/forward/custom_function_jvp.py): the output tangent is derived from the Function's own
 backward (double backward), equal to the tangent of the same operation written in plain torch
 to rounding; the primal and the training gradients are the Function's own; a Function with a
 jvp, or called without a dual input, runs unchanged; ``Function.apply`` is restored. Ghost on
@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from lai import value
-from lai.estimators.custom_function_jvp import custom_function_jvps, has_own_jvp
+from lai.estimators.forward.custom_function_jvp import custom_function_jvps, has_own_jvp
 from tests.estimators import brute
 from tests.estimators.brute import rel_err, strip
 from tests.estimators.nets import lm_batch
@@ -213,7 +213,7 @@ def test_training_forward_scores_and_keeps_its_backward(arch):
     the forward form gives the reference values and the training gradients of a plain
     step."""
     from lai.batching import as_batch, forward_logits, per_sample_loss
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
 
     if arch == "bloom":
         model = _tiny_bloom().train()
@@ -249,7 +249,7 @@ def test_per_sample_gradients_fall_back_to_reverse_mode():
     """torch.func refuses old-style Functions; DataInf's and TRAK's per-sample gradients then
     come from plain reverse mode, equal to the loop reference."""
     from lai.batching import as_batch, per_sample_loss
-    from lai.estimators.datainf import per_sample_gradient_chunks
+    from lai.estimators.static.datainf import per_sample_gradient_chunks
 
     model = GeluMLP()
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))

@@ -1,4 +1,4 @@
-"""Ghost's forward-mode fast paths (lai/estimators/forward_fastpaths.py). Arithmetic with a
+"""Ghost's forward-mode fast paths (lai/estimators/forward/forward_fastpaths.py). Arithmetic with a
 constant operand and frozen affine parameters: every case the mode computes gives the primal,
 tangent and backward gradient PyTorch gives, bit for bit, without arithmetic on an
 efficient-zero tangent; the cases it leaves alone are untouched. Train-mode BatchNorm: the
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lai.batching import as_batch
-from lai.estimators.forward_fastpaths import ForwardFastPaths
-from lai.estimators.ghost import GhostEstimator
+from lai.estimators.forward.forward_fastpaths import ForwardFastPaths
+from lai.estimators.online.ghost import GhostEstimator
 from tests.estimators.nets import lm_batch, tiny_bert_classifier, tiny_lm, token_batch
 from tests.estimators.test_tangents import _image_batch, _resnet18, _training_step
 
@@ -327,7 +327,7 @@ def test_an_error_raised_in_the_fast_paths_names_the_switch(monkeypatch):
     not get that note."""
     import sys
 
-    import lai.estimators.forward_fastpaths as fastpaths
+    import lai.estimators.forward.forward_fastpaths as fastpaths
 
     def broken(*args, **kwargs):
         raise ValueError("simulated failure in a fast path")
@@ -408,7 +408,7 @@ def test_loss_tangent_is_forward_ad_through_the_per_sample_loss(task):
     from the closed-form output gradient (no forward AD through the cross-entropy): equal to
     forward AD through ``per_sample_loss`` to rounding, including ignored LM positions."""
     from lai.batching import per_sample_loss
-    from lai.estimators.ghost import loss_tangent
+    from lai.estimators.online.ghost import loss_tangent
 
     g = torch.Generator().manual_seed(5)
     if task == "classification":

@@ -22,9 +22,9 @@ def reference(model, tr_in, tr_y, va_in, va_y, kwargs=False):
 
 
 def probe_form(model, tr, va) -> torch.Tensor:
-    """Ghost's probe form (values from its own backward; lai/estimators/ghost_probe.py)."""
+    """Ghost's probe form (values from its own backward; lai/estimators/online/ghost_probe.py)."""
     from lai.batching import as_batch
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
 
     est = GhostEstimator(mode="probe")
     est.refresh(model, as_batch(va))
@@ -126,7 +126,7 @@ def test_hf_models_with_sdpa_attention(arch):
     ref, ref_pairs = reference(model, strip(tr), tr["labels"], strip(va), va["labels"], True)
     tol = 1e-6 if arch == "llama_lm_gqa" else REL
     from lai.batching import as_batch, forward_logits
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
     out = {}
     for fast in (True, False):
         est = GhostEstimator(mode="forward", forward_fastpaths=fast)
@@ -148,7 +148,7 @@ def test_opt_flattened_rows_and_an_overridden_forward():
     would compute something else, so it gets the replay probe (its own forward in forward
     mode on the arguments it was called with), exact in both forms."""
     transformers = pytest.importorskip("transformers")
-    from lai.estimators import ghost_probe
+    from lai.estimators.online import ghost_probe
 
     cfg = transformers.OPTConfig(vocab_size=40, hidden_size=8, ffn_dim=16, num_hidden_layers=2,
                                  num_attention_heads=2, max_position_embeddings=32,
@@ -210,7 +210,7 @@ def test_tied_embedding_with_padding_index_used_as_a_token():
 def test_one_pass_training_forward_keeps_its_backward():
     """The dual forward's primal output still back-propagates to the real parameters."""
     from lai.batching import as_batch, forward_logits, per_sample_loss
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
 
     model = MLP()
     tr = as_batch((torch.randn(5, 12), torch.randint(0, 5, (5,))))

@@ -10,7 +10,7 @@ from torch import nn
 
 from lai import value
 from lai.batching import as_batch
-from lai.estimators.ghost import GhostEstimator
+from lai.estimators.online.ghost import GhostEstimator
 from tests.estimators import brute
 from tests.estimators.brute import rel_err
 from tests.estimators.nets import CNN, MLP, PaddedTransformer, tiny_bert_classifier, token_batch
@@ -202,7 +202,7 @@ def test_replay_probe_on_a_module_nonlinear_in_its_parameters():
     """A leaf module without a closed-form probe gets the replay probe (its own forward in
     forward mode, keyword arguments included): exact against torch.func, though the module
     is not linear in its parameters; a module with submodules still has none."""
-    from lai.estimators import ghost_probe
+    from lai.estimators.online import ghost_probe
 
     model = GatedMLP()
     assert ghost_probe.probe_for(model.gated) is ghost_probe.module_jvp
@@ -220,7 +220,7 @@ def test_replay_probe_on_hugging_face_rms_norm():
     test_ghost_exact.py): against torch.func to Llama's float32 rotary tables (about 1e-7
     here, as the forward form)."""
     transformers = pytest.importorskip("transformers")
-    from lai.estimators import ghost_probe
+    from lai.estimators.online import ghost_probe
     from tests.estimators.nets import lm_batch
 
     cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16,

@@ -36,7 +36,7 @@ def test_cuda_matches_cpu_float64(method):
 
 def test_ghost_probe_form_on_cuda_matches_cpu_float64():
     from lai.batching import as_batch
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
 
     torch.manual_seed(0)
     model = CNN().double().eval()
@@ -57,7 +57,7 @@ def test_offloaded_cache_on_cuda_same_values_less_device_memory():
     both variants run once before anything is measured."""
     transformers = pytest.importorskip("transformers")
     from lai.batching import as_batch, forward_logits
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30, hidden_size=256, num_hidden_layers=2,
@@ -135,7 +135,7 @@ def test_ghost_forward_fast_paths_on_cuda(autocast):
     same step with PyTorch's formulas: the same training gradients, values equal to rounding
     (bf16: to 2% of the largest), and in fp32 both equal to the CPU float64 values to 1e-4."""
     from lai.batching import as_batch, forward_logits, per_sample_loss
-    from lai.estimators.ghost import GhostEstimator
+    from lai.estimators.online.ghost import GhostEstimator
 
     torch.manual_seed(0)
     model = CNN().double().train()

@@ -156,7 +156,7 @@ def test_layers_fed_the_same_tensor_share_one_cache_entry(cache):
     """q, k and v read the same tensor: one phi_v / M for the three (values stay exact, see
     test_lai_transformer_with_padding); cache_bytes counts it once."""
     from lai.batching import as_batch
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
 
     model = PaddedTransformer()
     est = LAIEstimator(cache=cache)

@@ -1,6 +1,6 @@
 """LAI/LLI on sequence models: per-token output gradients with token pairing.
 
-Definition tested (see lai/estimators/lai.py): with G_{x,t} = d ell_x / d s^(L)_{x,t} and
+Definition tested (see lai/estimators/online/lai.py): with G_{x,t} = d ell_x / d s^(L)_{x,t} and
 phi_l(x,t) the input of layer l at position t,
 
     v_j = sum_z sum_l sum_{s,t} <phi_l(z,s), phi_l(j,t)> <G_{z,s}, G_{j,t}>
@@ -124,7 +124,7 @@ def test_lm_cache_holds_only_what_its_form_reads(cache, method):
     it must not also keep ``g_v [|V|, T, vocab]``, the largest tensor of an LM's cache; what the
     estimator holds is exactly ``cache_bytes()``, and values are unchanged."""
     from lai.batching import as_batch
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
 
     model = tiny_lm()
     tr, va = lm_batch(4, 8, 40, 1), lm_batch(3, 10, 40, 2)
@@ -144,7 +144,7 @@ def test_lm_output_layer_term_from_the_gradient_side():
     sum_t <M^T G_{j,t}, phi(j,t)> instead of through a [B, T, vocab] accumulator: the same
     values as the accumulator path and as brute force, and a lower peak of live tensors."""
     from lai.batching import as_batch
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
     from lai.bench.memory import PeakTensorMemory
 
     cfg = transformers.GPTNeoConfig(vocab_size=400, hidden_size=8, num_layers=1, num_heads=2,
@@ -182,7 +182,7 @@ def test_a_capture_is_freed_without_the_garbage_collector(layers):
     import weakref
 
     from lai.batching import as_batch
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
 
     model = tiny_lm()
     tr, va = as_batch(lm_batch(4, 8, 40, 1)), as_batch(lm_batch(3, 8, 40, 2))
@@ -210,7 +210,7 @@ def test_scoring_an_lm_never_holds_a_whole_vocabulary_sized_gradient():
     ``(G * acc).sum`` over the whole batch held two, and was the peak of a LAI step on a
     language model). The values are brute force's, with any number of row blocks."""
     from lai.batching import as_batch
-    from lai.estimators.lai import LAIEstimator
+    from lai.estimators.online.lai import LAIEstimator
     from lai.bench.memory import PeakTensorMemory
 
     vocab, b, t = 2500, 4, 8  # B T K = 80,000 elements: above row_dot's single-block size

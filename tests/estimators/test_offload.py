@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lai.batching import as_batch, forward_logits
-from lai.estimators.lai import LAIEstimator
-from lai.estimators.offload import HostCache
+from lai.estimators.online.lai import LAIEstimator
+from lai.estimators.online.offload import HostCache
 from tests.estimators.nets import CNN, PaddedTransformer, lm_batch, tiny_lm, token_batch
 
 

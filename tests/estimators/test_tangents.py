@@ -1,4 +1,4 @@
-"""Ghost's forward form inside a training forward (lai/estimators/tangents.py): the graph it
+"""Ghost's forward form inside a training forward (lai/estimators/forward/tangents.py): the graph it
 leaves for the backward holds no record of tangent operations, the tangents of tensors nothing
 can reach any more are released during the forward, and values and gradients are
 bit-identical to a forward that keeps everything."""
@@ -13,9 +13,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from lai.batching import Batch, as_batch, forward_logits, per_sample_loss
-from lai.estimators import ghost
-from lai.estimators.ghost import GhostEstimator
-from lai.estimators.tangents import TangentRelease
+from lai.estimators.online import ghost
+from lai.estimators.online.ghost import GhostEstimator
+from lai.estimators.forward.tangents import TangentRelease
 from lai.bench.memory import PeakTensorMemory
 from tests.estimators.nets import lm_batch, tiny_bert_classifier, tiny_lm, token_batch
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lai.estimators.datainf import datainf_values, parameter_blocks
+from lai.estimators.static.datainf import datainf_values, parameter_blocks
 from tests.estimators import brute
 from tests.estimators.nets import CNN, MLP, PaddedTransformer, token_batch
 from tests.static.helpers import (assert_unchanged, rel_err,
@@ -131,7 +131,7 @@ def test_per_sample_gradients_same_whichever_way_the_timing_picks(monkeypatch, l
     later chunks, and the gradients are the same either way (and equal to brute force)."""
     import itertools
 
-    import lai.estimators.datainf as di
+    import lai.estimators.static.datainf as di
     from lai.batching import Batch
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lai.estimators.lissa import LissaDivergedError, hessian_vector_product, lissa_values
+from lai.estimators.static.lissa import LissaDivergedError, hessian_vector_product, lissa_values
 from tests.estimators import brute
 from tests.estimators.nets import CNN
 from tests.static.helpers import (assert_unchanged, rel_err,

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from lai.estimators.trak import margins, trak_values
+from lai.estimators.static.trak import margins, trak_values
 from tests.estimators import brute
 from tests.estimators.nets import MLP
 from tests.static.helpers import (assert_unchanged, rel_err,

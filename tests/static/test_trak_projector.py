@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lai.estimators import trak
+from lai.estimators.static import trak
 
 
 def test_cached_projection_equals_regenerated(monkeypatch):

@@ -88,7 +88,7 @@ def test_round1_is_shared_by_static_methods_and_changes_nothing(tiny_overrides, 
 
 
 def test_two_round_lissa_records_the_solve_and_fails_when_it_diverges(tiny_overrides):
-    from lai.estimators.lissa import LissaDivergedError
+    from lai.estimators.static.lissa import LissaDivergedError
 
     args = ["dataset=digits_n", "estimator=lissa", "trainer.epochs=1",
             "estimator.lissa_depth=20", *tiny_overrides]

@@ -17,7 +17,7 @@ def test_trainer_score_only_uses_the_probe_form_with_forward_mode_values(tiny_ov
     """policy=score_only: every sample trains with weight 1, so the probe form's values
     (read after the backward, rescaled by the loss coefficient 1/B) must equal forward mode's
     along the identical trajectory."""
-    from lai.estimators import ghost_probe
+    from lai.estimators.online import ghost_probe
     from lai.train.runner import run_experiment
     from tests.conftest import compose_cfg
 

@@ -20,7 +20,7 @@ iteration), a recursion stops once it stops changing, a diverging one is an erro
 residual of the solve is reported (:func:`inverse_hvp`).
 ``repeats`` independent recursions (different orders) are averaged. Then every ``v_j`` is
 the exact directional derivative ``<s, grad ell_j>`` (one forward-mode pass per training
-batch, :func:`lai.estimators.ghost.directional_derivatives`): no per-sample gradient is ever
+batch, :func:`lai.estimators.online.ghost.directional_derivatives`): no per-sample gradient is ever
 formed.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.registry import StaticOptions, register_estimator
-from lai.estimators.ghost import directional_derivatives, trainable_parameters, \
+from lai.estimators.online.ghost import directional_derivatives, trainable_parameters, \
     validation_gradient
 
 DIVERGENCE = 1e6

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from lai.batching import Batch
-from lai.estimators.ghost import directional_derivatives, trainable_parameters
+from lai.estimators.online.ghost import directional_derivatives, trainable_parameters
 from lai.estimators.registry import (ESTIMATORS, StaticOptions, register_estimator,
                                      static_names)
 
 
 def _validation_gradient(model: nn.Module, val_batches: Sequence[Batch]) -> list[torch.Tensor]:
-    from lai.estimators.ghost import validation_gradient
+    from lai.estimators.online.ghost import validation_gradient
 
     total = None
     for vb in val_batches:

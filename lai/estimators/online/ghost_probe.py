@@ -42,8 +42,8 @@ from torch import nn
 
 from lai.batching import Batch, logits_of
 from lai.estimators.capture import fp32_math
-from lai.estimators.custom_function_jvp import custom_function_jvps
-from lai.estimators.forward_fastpaths import ForwardFastPaths
+from lai.estimators.forward.custom_function_jvp import custom_function_jvps
+from lai.estimators.forward.forward_fastpaths import ForwardFastPaths
 
 # type -> probe(module, input, tangents by parameter name) -> d s / d eps (same shape as s);
 # module_jvp, the replay probe, takes (module, args, kwargs, tangents) instead

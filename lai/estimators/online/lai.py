@@ -58,7 +58,7 @@ from lai.estimators.base import (OnlineEstimator, cross_entropy_gradient, label_
                                  output_gradient)
 from lai.estimators.capture import (DEFAULT_LAYER_TYPES, LayerKey, LayerTap, chunks,
                                     output_layer_name, preserved_buffers, select_layers)
-from lai.estimators.offload import HostCache
+from lai.estimators.online.offload import HostCache
 from lai.estimators.registry import OnlineOptions, register_estimator
 
 
@@ -201,7 +201,7 @@ class LAIEstimator(OnlineEstimator):
         layer_types: module types that count as layers for ``all``.
         offload: keep the cache in (pinned) host memory and copy each entry to the device
             just before its layer reads it, ``lookahead`` entries ahead on a side stream
-            (``lai.estimators.offload``): LAI's device memory excess falls to a few entries,
+            (``lai.estimators.online.offload``): LAI's device memory excess falls to a few entries,
             the values are unchanged. Meant for CUDA; on the CPU it only adds copies.
         lookahead: entries in flight ahead of the one being read (with ``offload``).
     """
@@ -266,7 +266,7 @@ class LAIEstimator(OnlineEstimator):
         if precondition == "none":
             self._precondition = None
             return
-        from lai.estimators.precondition import AdamPreconditioner
+        from lai.estimators.online.precondition import AdamPreconditioner
 
         pre = AdamPreconditioner(optimizer)
         layer = dict(model.named_modules())[self.output_layer or output_layer_name(model)]

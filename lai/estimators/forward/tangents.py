@@ -1,7 +1,7 @@
 """A forward-mode pass inside a training forward without the tangents' reverse graph, and
 without tangents that nothing can read any more.
 
-Ghost's forward form (:mod:`lai.estimators.ghost`) makes every parameter a dual number and
+Ghost's forward form (:mod:`lai.estimators.online.ghost`) makes every parameter a dual number and
 runs the training forward once: the primal outputs keep their reverse-mode graph for the
 training backward, and the tangents carry ``<g_V, grad ell_j>``. Two things then hold memory
 that a plain forward does not:
@@ -33,7 +33,7 @@ use count is above one (PyTorch then keeps its Python object alive with a refere
 its own). If a released tangent were read anyway (a model that fetches a tensor back
 from autograd's graph during its forward), it would read NaN, so the values would not be
 finite, and a new view of it fails inside forward AD:
-:class:`~lai.estimators.ghost.GhostEstimator` checks the values at its first capture and
+:class:`~lai.estimators.online.ghost.GhostEstimator` checks the values at its first capture and
 names its ``release_tangents`` switch in both errors.
 
 Measured with :class:`lai.bench.memory.PeakTensorMemory` on torchvision's ResNet-18 in train

@@ -1,5 +1,5 @@
 """Ghost as the paper's public code computes it: flattened whole-layer activations and output
-gradients. An approximation, kept to compare with; :mod:`lai.estimators.ghost` is exact.
+gradients. An approximation, kept to compare with; :mod:`lai.estimators.online.ghost` is exact.
 
 For every ``nn.Linear`` and ``nn.Conv2d`` layer ``l`` with input ``a_l`` and output ``s_l``,
 each flattened per sample (all positions, channels and features in one vector),

@@ -18,16 +18,16 @@ carrying tangents for the training batch. The primal outputs of that pass keep t
 reverse-mode graph, so in one-pass training the same forward also feeds the backward; the
 tangents' own reverse graph is freed module by module, and the tangents of tensors no Python
 code references any more are released as each module returns
-(:func:`lai.estimators.tangents.tangent_free_graph`; ``release_tangents=False`` keeps them,
+(:func:`lai.estimators.forward.tangents.tangent_free_graph`; ``release_tangents=False`` keeps them,
 as autograd otherwise would, one per saved activation until the pass ends). During the pass
-:class:`lai.estimators.forward_fastpaths.ForwardFastPaths` computes arithmetic with
+:class:`lai.estimators.forward.forward_fastpaths.ForwardFastPaths` computes arithmetic with
 constants, train-mode BatchNorm and softmax without PyTorch's costlier formulas
 (``forward_fastpaths=False`` keeps PyTorch's), and each value is read from the closed-form
 output gradient (:func:`loss_tangent`). Fused attention (``F.scaled_dot_product_attention``,
 Hugging Face's default ``sdpa``) has no forward-mode formula in PyTorch; during the pass it
 runs by PyTorch's math backend, the same function to rounding, with either setting. A
 custom ``autograd.Function`` without a ``jvp`` gets its tangent from its own backward
-(:mod:`lai.estimators.custom_function_jvp`; BLOOM's GeLU).
+(:mod:`lai.estimators.forward.custom_function_jvp`; BLOOM's GeLU).
 BatchNorm in train mode uses batch statistics, so ``ell_j`` then depends on the whole batch
 and ``v_j`` is the derivative in that context; in eval mode it is the textbook per-sample value.
 
@@ -36,7 +36,7 @@ Two forms (``mode``), equal values wherever both apply (tested against ``torch.f
 - ``forward``: the forward-mode pass above; values are ready after the forward, so a policy
   can filter in the same step. Costs about 1.67x vanilla's FLOPs (a tangent matmul per layer
   on top of the probe).
-- ``probe``: :mod:`lai.estimators.ghost_probe`, the per-layer probe contracted with the
+- ``probe``: :mod:`lai.estimators.online.ghost_probe`, the per-layer probe contracted with the
   output gradients of the *training backward*: about 1.33x vanilla's FLOPs, but the values
   exist only after the backward, so it serves scoring without filtering (a policy that keeps
   every sample with weight 1), and it needs every trainable parameter in a module with a
@@ -60,12 +60,12 @@ from torch import nn
 from lai.batching import Batch, forward_logits, logits_of, per_sample_loss
 from lai.estimators.base import OnlineEstimator, output_gradient
 from lai.estimators.capture import chunks, preserved_buffers
-from lai.estimators import ghost_probe
-from lai.estimators import forward_fastpaths
-from lai.estimators.forward_fastpaths import ForwardFastPaths
-from lai.estimators.custom_function_jvp import custom_function_jvps
+from lai.estimators.online import ghost_probe
+from lai.estimators.forward import forward_fastpaths
+from lai.estimators.forward.forward_fastpaths import ForwardFastPaths
+from lai.estimators.forward.custom_function_jvp import custom_function_jvps
 from lai.estimators.registry import OnlineOptions, register_estimator
-from lai.estimators.tangents import tangent_free_graph
+from lai.estimators.forward.tangents import tangent_free_graph
 
 GHOST_MODES = ("auto", "forward", "probe")
 
@@ -184,7 +184,7 @@ def _note_if_from_fastpaths(e: BaseException) -> None:
     while tb is not None:
         if tb.tb_frame.f_code.co_filename == forward_fastpaths.__file__:
             if hasattr(e, "add_note"):
-                e.add_note("ghost: raised in lai/estimators/forward_fastpaths.py; "
+                e.add_note("ghost: raised in lai/estimators/forward/forward_fastpaths.py; "
                            "estimator.forward_fastpaths=false leaves every operation to "
                            "PyTorch's own forward-mode formulas")
             return
@@ -216,10 +216,10 @@ class GhostEstimator(OnlineEstimator):
     ``direction``: optional callable mapping the list of validation gradients to the tangent
     direction actually used (Adam preconditioning scales them by ``1/(sqrt(v_hat)+eps)``).
     ``release_tangents`` (forward form, grad enabled): release the tangents of tensors the
-    model no longer references (:mod:`lai.estimators.tangents`); the first capture checks that
+    model no longer references (:mod:`lai.estimators.forward.tangents`); the first capture checks that
     none was read again (RuntimeError naming the switch if one was).
 
-    ``forward_fastpaths`` (forward form, :mod:`lai.estimators.forward_fastpaths`): compute
+    ``forward_fastpaths`` (forward form, :mod:`lai.estimators.forward.forward_fastpaths`): compute
     arithmetic between a dual tensor and a constant (a Python number, a mask, a frozen bias)
     and CPU dropout without the efficient-zero tangents PyTorch would make (the same values,
     bit for bit, with less host time per operation), and the tangents of train-mode
@@ -302,7 +302,7 @@ class GhostEstimator(OnlineEstimator):
         if precondition == "none":
             self.direction = None
             return
-        from lai.estimators.precondition import AdamPreconditioner
+        from lai.estimators.online.precondition import AdamPreconditioner
 
         pre = AdamPreconditioner(optimizer)
         params = trainable_parameters(model)

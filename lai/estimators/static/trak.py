@@ -38,7 +38,7 @@ from torch import nn
 
 from lai.batching import IGNORE_INDEX, Batch, forward_logits
 from lai.estimators.capture import preserved_buffers
-from lai.estimators.datainf import per_sample_gradient_chunks, trainable_named_parameters
+from lai.estimators.static.datainf import per_sample_gradient_chunks, trainable_named_parameters
 from lai.estimators.registry import StaticOptions, register_estimator
 
 PROJ_BLOCK_ELEMS = 1 << 24  # entries of one generated block of P (64 MiB in float32)

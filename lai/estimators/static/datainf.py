@@ -23,7 +23,7 @@ is accumulated over chunks of per-sample
 gradients of the Hessian samples (``torch.func``: ``vmap(grad(...))``, or a per-sample loop
 where vmap fails, e.g. data-dependent control flow); pass 1 gives the norms (default damping),
 pass 2 accumulates ``u``. Then ``v_j = <u, grad ell_j>`` for every training sample by one
-forward-mode pass per batch (:func:`lai.estimators.ghost.directional_derivatives`). At most
+forward-mode pass per batch (:func:`lai.estimators.online.ghost.directional_derivatives`). At most
 ``chunk_size`` per-sample gradients exist at a time.
 
 The model's current mode is used. For BatchNorm models prefer eval mode: in train mode each
@@ -42,14 +42,14 @@ from torch.func import functional_call, grad, vmap
 
 from lai.batching import Batch, logits_of, per_sample_loss
 from lai.estimators.capture import preserved_buffers
-from lai.estimators.ghost import directional_derivatives
-from lai.estimators.lissa import total_validation_gradient
+from lai.estimators.online.ghost import directional_derivatives
+from lai.estimators.static.lissa import total_validation_gradient
 from lai.estimators.registry import StaticOptions, register_estimator
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of the unique trainable parameters, in
-    :func:`~lai.estimators.ghost.trainable_parameters` order."""
+    :func:`~lai.estimators.online.ghost.trainable_parameters` order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
