@@ -27,14 +27,13 @@ from lai.estimators.registry import (ESTIMATORS, StaticOptions, register_estimat
                                      static_names)
 
 
-def _validation_gradient(model: nn.Module, val_batches: Sequence[Batch]) -> list[torch.Tensor]:
-    from lai.estimators.online.ghost import validation_gradient
-
-    total = None
-    for vb in val_batches:
-        g = validation_gradient(model, vb)
-        total = g if total is None else [a + b for a, b in zip(total, g)]
-    return total
+def directional_values(model: nn.Module, train_batches: Sequence[Batch],
+                       direction: list[torch.Tensor]) -> torch.Tensor:
+    """``[N]``: ``<direction, grad ell_j>`` for every sample of ``train_batches`` in order
+    (``[0]`` when there are none): what every static method linear in the training gradient
+    computes once it has its direction."""
+    values = [directional_derivatives(model, batch, direction) for batch in train_batches]
+    return torch.cat(values) if values else torch.zeros(0)
 
 
 def ip_values(model: nn.Module, train_batches: Sequence[Batch],
@@ -42,8 +41,10 @@ def ip_values(model: nn.Module, train_batches: Sequence[Batch],
               ) -> torch.Tensor:
     """``[N]`` static IP (Hessian-free influence) values ``<g_V, g_j>`` on the current model
     (``hessian_batches`` unused: IP has no curvature)."""
-    g_v = _validation_gradient(model, val_batches)
-    return torch.cat([directional_derivatives(model, b, g_v) for b in train_batches])
+    from lai.estimators.static.lissa import total_validation_gradient
+
+    return directional_values(model, train_batches, total_validation_gradient(model,
+                                                                              val_batches))
 
 
 @dataclass

@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 
 from lai.batching import Batch, logits_of, per_sample_loss
 from lai.estimators.capture import preserved_buffers
-from lai.estimators.online.ghost import directional_derivatives
+from lai.estimators.static import directional_values
 from lai.estimators.static.lissa import total_validation_gradient
 from lai.estimators.registry import StaticOptions, register_estimator
 
@@ -288,10 +288,7 @@ def datainf_values(model: nn.Module, train_batches: Sequence[Batch],
     """
     u = datainf_direction(model, val_batches, hessian_batches, damping=damping,
                           chunk_size=chunk_size)
-    values = [directional_derivatives(model, batch, u) for batch in train_batches]
-    if not values:
-        return torch.zeros(0)
-    return torch.cat(values)
+    return directional_values(model, train_batches, u)
 
 
 @dataclass

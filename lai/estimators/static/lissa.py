@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from lai.batching import Batch, forward_logits, per_sample_loss
 from lai.estimators.capture import preserved_buffers
 from lai.estimators.registry import StaticOptions, register_estimator
-from lai.estimators.online.ghost import directional_derivatives, trainable_parameters, \
-    validation_gradient
+from lai.estimators.online.ghost import trainable_parameters, validation_gradient
+from lai.estimators.static import directional_values
 
 DIVERGENCE = 1e6
 
@@ -220,10 +220,7 @@ def lissa_values(model: nn.Module, train_batches: Sequence[Batch], val_batches: 
     g_v = total_validation_gradient(model, val_batches)
     s = inverse_hvp(model, g_v, hessian_batches, damping=damping, scale=scale, depth=depth,
                     repeats=repeats, seed=seed, tol=tol, progress=progress, info=info)
-    values = [directional_derivatives(model, batch, s) for batch in train_batches]
-    if not values:
-        return torch.zeros(0)
-    return torch.cat(values)
+    return directional_values(model, train_batches, s)
 
 
 @dataclass
