@@ -5,9 +5,11 @@
     python scripts/run_experiment.py table3 --scale paper --launcher slurm
     python scripts/run_experiment.py fig2 --scale reduced --dry-run     # print, do not run
 
-The sweeps live in ``experiments/<artifact>.yaml`` (see experiments/README.md). An
-``overrides`` sweep becomes ``python run.py --multirun <overrides> results_dir=<dir>``; a
-``command`` sweep runs as written. Extra ``key=value`` arguments after ``--`` are appended to
+The sweeps are Hydra experiment configs, ``conf/experiment/<artifact>/<scale>[/<part>].yaml``
+(their ``hydra.sweeper.params`` and results folder); ``experiments/<artifact>.yaml`` lists
+them per scale with what Hydra cannot say (see experiments/README.md). An ``experiment``
+sweep becomes ``python run.py --multirun experiment=<name>``; a ``command`` sweep (a script
+with its own arguments) runs as written. Extra ``key=value`` arguments after ``--`` are appended to
 every run.py sweep (e.g. ``-- data_dir=../shared/data device=cpu``). A scale may name its
 ``launcher`` (``local``: parallel jobs) and ``threads_per_job`` (OMP_NUM_THREADS, unless set).
 Exit status: the first failing sweep's, after all sweeps were tried.
@@ -54,8 +56,8 @@ def sweep_commands(artifact: str, scale: str, launcher: str | None = None,
             argv = [str(a) for a in sweep["command"]]
             commands.append([sys.executable if argv[0] == "python" else argv[0], *argv[1:]])
             continue
-        argv = [sys.executable, "run.py", "--multirun", *[str(o) for o in sweep["overrides"]],
-                f"results_dir={entry['results_dir']}", "trainer.progress=false"]
+        argv = [sys.executable, "run.py", "--multirun", f"experiment={sweep['experiment']}",
+                "trainer.progress=false"]
         if launcher or entry.get("launcher"):
             argv.append(f"hydra/launcher={launcher or entry['launcher']}")
         commands.append(argv + list(extra or []))
