@@ -201,16 +201,7 @@ class Curator:
 
     # ---- set-up ------------------------------------------------------------------------
     def _plan(self) -> None:
-        """Ghost: the probe form when values may come after the backward (one pass and a
-        policy keeping every sample), else the forward form (chosen in train mode, the mode
-        the steps run in: train-mode BatchNorm couples samples)."""
-        was_training = self.model.training
-        self.model.train()
-        try:
-            self.est.plan(self.model, values_before_backward=not (
-                self.strategy == "one_pass" and self.policy.keeps_all_unweighted))
-        finally:
-            self.model.train(was_training)
+        plan_estimator(self.est, self.model, self.strategy, self.policy)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, precondition: str) -> None:
         """Score in the optimizer's preconditioned space (``precondition="adam"``)."""
@@ -275,6 +266,22 @@ class Curator:
         if score_now and self.self_influence:
             self.refresh(b)
         return CurationStep(self, b, epoch, index, score_now)
+
+
+def plan_estimator(est: OnlineEstimator, model: nn.Module, strategy: str,
+                   policy: Policy) -> None:
+    """Let ``est`` settle its form for training ``model`` with ``strategy`` and ``policy``
+    (Ghost: the probe form when values may come after the backward, i.e. one pass and a
+    policy keeping every sample, else the forward form), planned in train mode, the mode
+    the steps run in (train-mode BatchNorm couples samples); the model's mode is restored.
+    A ValueError when they cannot go together."""
+    was_training = model.training
+    model.train()
+    try:
+        est.plan(model, values_before_backward=not (
+            strategy == "one_pass" and policy.keeps_all_unweighted))
+    finally:
+        model.train(was_training)
 
 
 class CurationStep:

@@ -113,27 +113,15 @@ class Registry(Generic[T]):
 
 def options_from_config(node: Any, registry: Registry) -> Any:
     """The options dataclass instance a composed config node (``cfg.estimator``,
-    ``cfg.policy``) describes, its ``__post_init__`` checks run. A plain mapping is filled
-    through :meth:`Registry.options`."""
+    ``cfg.policy``), a mapping with a ``name``, or an options instance describes, filled
+    through :meth:`Registry.options` (so a key the entry does not have, e.g. one added with
+    Hydra's ``+key=value``, is a TypeError, and ``__post_init__`` checks the values)."""
     from omegaconf import DictConfig, OmegaConf
 
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         return node
-    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is not dict:
-        known = {f.name for f in dataclasses.fields(OmegaConf.get_type(node))}
-        extra = sorted(set(node.keys()) - known)  # added with Hydra's "+key=value"
-        if extra:
-            raise TypeError(f"{registry.what} {node.get('name')!r} has no option(s) "
-                            f"{', '.join(map(str, extra))}; its options: "
-                            f"{', '.join(sorted(known - {'name'})) or 'none'}")
-        obj = OmegaConf.to_object(node)
-        entry = registry.get(obj.name)
-        if isinstance(obj, entry.options):
-            return obj
-        node = dataclasses.asdict(obj)
     values = dict(OmegaConf.to_container(node) if isinstance(node, DictConfig) else node)
-    name = values.pop("name")
-    return registry.options(name, **values)
+    return registry.options(values.pop("name"), **values)
 
 
 def import_submodules(package: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lai.config import part_options, validate
+from lai.curate import plan_estimator
 from lai.errors import ConfigError, RunInterrupted
 from lai.data import build_data, needs_tokenizer, resolve_data_dir
 from lai.estimators.registry import build_estimator
@@ -122,13 +123,7 @@ def _online_parts(cfg: DictConfig, model: torch.nn.Module, data_parallel: bool):
     policy = POLICIES.build(pol_opts)
     if data_parallel:
         estimator.prepare_data_parallel()
-    was_training = model.training
-    model.train()  # planned in the mode it trains in (train-mode BatchNorm couples samples)
-    try:
-        estimator.plan(model, values_before_backward=not (
-            cfg.trainer.strategy == "one_pass" and policy.keeps_all_unweighted))
-    finally:
-        model.train(was_training)
+    plan_estimator(estimator, model, cfg.trainer.strategy, policy)  # refused now, not later
     estimator.check_model(model)
     policy.prepare(cfg)  # e.g. the random control reads its matched run's record
     return estimator, policy
